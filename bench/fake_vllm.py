@@ -1,0 +1,474 @@
+"""A fake vLLM OpenAI server built to never be the bottleneck of a gateway benchmark.
+
+It speaks just enough HTTP/1.1 (keep-alive, Content-Length request bodies, pipelined requests
+answered in order) on a raw asyncio Protocol, and streams pre-built SSE bytes: a 16-event burst
+is one ``transport.write`` of a cached buffer. Per request, the body fields ``fake_events`` /
+``fake_interval_ms`` (or headers ``x-fake-events`` / ``x-fake-interval-ms``) override the
+defaults; body fields survive a proxy that forwards the body untouched, headers may not.
+
+``GET /stats`` counts connections and streams, so a bench can see how fast a proxy closes its
+upstream once the client has gone (``streams_aborted``, ``last_abort_unix``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Self, cast
+
+try:
+    import orjson
+
+    _loads: Callable[[bytes], Any] = orjson.loads
+    _dumps: Callable[[Any], bytes] = orjson.dumps
+except ImportError:  # the fake must also run on a bare interpreter
+    import json
+
+    _loads = json.loads
+
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
+MAX_HEAD_BYTES = 64 * 1024
+# Bursts up to this many events are cached whole; longer streams are written event by event.
+MAX_CACHED_BURST_EVENTS = 4096
+MAX_CACHED_BURSTS = 256
+
+_SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nserver: fake-vllm\r\n"
+    b"content-type: text/event-stream; charset=utf-8\r\n"
+    b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+_DONE = b"data: [DONE]\n\n"
+_DONE_AND_END = b"%x\r\n%s\r\n0\r\n\r\n" % (len(_DONE), _DONE)
+_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+            413: b"Payload Too Large", 431: b"Request Header Fields Too Large",
+            501: b"Not Implemented"}
+
+
+@dataclass(frozen=True)
+class FakeConfig:
+    models: tuple[str, ...] = ("fake-model",)
+    events: int = 16
+    interval_ms: float = 0.0
+    max_model_len: int = 8192
+    token: str = " tok"
+    created: int = 0
+
+
+class FakeStats:
+    """Counters served at ``GET /stats``; ``reset()`` keeps the live gauges."""
+
+    __slots__ = ("active_streams", "connections_total", "first_abort_unix", "last_abort_unix",
+                 "open_connections", "requests_total", "streams_aborted", "streams_completed",
+                 "streams_started")
+
+    def __init__(self) -> None:
+        self.open_connections = 0
+        self.active_streams = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.connections_total = 0
+        self.requests_total = 0
+        self.streams_started = 0
+        self.streams_completed = 0
+        self.streams_aborted = 0
+        self.first_abort_unix = 0.0
+        self.last_abort_unix = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __repr__(self) -> str:
+        return (f"<FakeStats [Connections: {self.open_connections} open | Streams: "
+                f"{self.active_streams} active, {self.streams_completed} completed, "
+                f"{self.streams_aborted} aborted]>")
+
+
+def _chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return _chunk(b"data: " + _dumps(obj) + b"\n\n")
+
+
+class EventBytes:
+    """The chunk-framed SSE events of one (endpoint, model), built once.
+
+    Every token event is identical, so a stream of N events is first + middle*(N-2) + last.
+    """
+
+    __slots__ = ("_bursts", "first", "last", "middle", "single")
+
+    def __init__(self, *, chat: bool, model: str, config: FakeConfig) -> None:
+        def make(role: bool, finish: bool) -> bytes:
+            reason = "stop" if finish else None
+            if chat:
+                delta: dict[str, str] = {"role": "assistant"} if role else {}
+                delta["content"] = config.token
+                return _event({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                               "created": config.created, "model": model, "choices": [
+                                   {"index": 0, "delta": delta, "logprobs": None,
+                                    "finish_reason": reason}]})
+            return _event({"id": "cmpl-fake", "object": "text_completion",
+                           "created": config.created, "model": model, "choices": [
+                               {"index": 0, "text": config.token, "logprobs": None,
+                                "finish_reason": reason, "stop_reason": None}]})
+
+        self.single = make(True, True)
+        self.first = make(True, False)
+        self.middle = make(False, False)
+        self.last = make(False, True)
+        self._bursts: dict[int, bytes] = {}
+
+    def event(self, index: int, count: int) -> bytes:
+        if count == 1:
+            return self.single
+        if index == 0:
+            return self.first
+        return self.last if index == count - 1 else self.middle
+
+    def burst(self, count: int) -> bytes:
+        """Headers, all events, [DONE] and the terminating chunk as one buffer."""
+        cached = self._bursts.get(count)
+        if cached is not None:
+            return cached
+        body = self.single if count == 1 else (
+            self.first + self.middle * max(count - 2, 0) + self.last if count > 1 else b"")
+        data = _SSE_HEAD + body + _DONE_AND_END
+        if count <= MAX_CACHED_BURST_EVENTS and len(self._bursts) < MAX_CACHED_BURSTS:
+            self._bursts[count] = data
+        return data
+
+
+def _response(status: int, body: bytes, *, content_type: bytes = b"application/json",
+              close: bool = False) -> bytes:
+    return b"HTTP/1.1 %d %s\r\nserver: fake-vllm\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n%s" % (
+        status, _REASONS.get(status, b"Error"), content_type, len(body),
+        b"connection: close\r\n" if close else b"", body)
+
+
+def _error(status: int, message: str, kind: str, *, close: bool = False) -> bytes:
+    # vLLM's error envelope: clients read body["error"]["message"].
+    body = _dumps({"error": {"message": message, "type": kind, "param": None, "code": status}})
+    return _response(status, body, close=close)
+
+
+class FakeVllm:
+    """One listening fake; ``close()`` also drops every open connection."""
+
+    __slots__ = ("_events", "config", "connections", "server", "stats")
+
+    def __init__(self, config: FakeConfig) -> None:
+        self.config = config
+        self.stats = FakeStats()
+        self.server: asyncio.Server | None = None
+        self.connections: set[_Connection] = set()
+        self._events: dict[tuple[bool, str], EventBytes] = {}
+        for model in config.models:
+            for chat in (True, False):
+                self._events[(chat, model)] = EventBytes(chat=chat, model=model, config=config)
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None and self.server.sockets
+        return int(self.server.sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None and self.server.sockets
+        host = self.server.sockets[0].getsockname()[0]
+        return f"http://{host}:{self.port}"
+
+    def events_for(self, chat: bool, model: str) -> EventBytes | None:
+        return self._events.get((chat, model))
+
+    def models_body(self) -> bytes:
+        data: list[dict[str, Any]] = [{"id": m, "object": "model", "created": self.config.created, "owned_by": "vllm",
+                 "root": m, "parent": None, "max_model_len": self.config.max_model_len,
+                 "permission": []} for m in self.config.models]
+        return _dumps({"object": "list", "data": data})
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.abort()
+
+    async def wait_closed(self) -> None:
+        if self.server is not None:
+            await self.server.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+    def __repr__(self) -> str:
+        return f"<FakeVllm {self.config.models} {self.stats!r}>"
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection. Requests are answered strictly in order: while a paced stream
+    is running, later pipelined requests wait in ``buf``."""
+
+    __slots__ = ("buf", "count", "events", "fake", "index", "interval", "keep_alive", "loop",
+                 "next_at", "streaming", "timer", "transport")
+
+    def __init__(self, fake: FakeVllm) -> None:
+        self.fake = fake
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.streaming = False
+        self.keep_alive = True
+        self.events: EventBytes | None = None
+        self.index = 0
+        self.count = 0
+        self.interval = 0.0
+        self.next_at = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, hence a cast, not a check.
+        self.transport = cast(asyncio.Transport, transport)
+        self.fake.connections.add(self)
+        stats = self.fake.stats
+        stats.open_connections += 1
+        stats.connections_total += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        stats = self.fake.stats
+        stats.open_connections -= 1
+        self.fake.connections.discard(self)
+        if self.streaming:
+            self.streaming = False
+            if self.timer is not None:
+                self.timer.cancel()
+            stats.active_streams -= 1
+            stats.streams_aborted += 1
+            now = time.time()
+            stats.last_abort_unix = now
+            if not stats.first_abort_unix:
+                stats.first_abort_unix = now
+        self.transport = None
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.streaming:
+            self._process()
+
+    def _process(self) -> None:
+        buf = self.buf
+        while buf and not self.streaming and self.transport is not None and self.keep_alive:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD_BYTES:
+                    self._finish(_error(431, "request head too large", "BadRequestError"), close=True)
+                return
+            lines = bytes(buf[:end]).split(b"\r\n")
+            parts = lines[0].split(b" ")
+            if len(parts) != 3:
+                self._finish(_error(400, "malformed request line", "BadRequestError"), close=True)
+                return
+            method, target, version = parts
+            headers: dict[bytes, bytes] = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+            if b"chunked" in headers.get(b"transfer-encoding", b""):
+                self._finish(_error(501, "chunked request bodies are not supported",
+                                    "NotImplementedError"), close=True)
+                return
+            try:
+                length = int(headers.get(b"content-length", b"0"))
+            except ValueError:
+                self._finish(_error(400, "bad content-length", "BadRequestError"), close=True)
+                return
+            if len(buf) < end + 4 + length:
+                return
+            body = bytes(buf[end + 4:end + 4 + length])
+            del buf[:end + 4 + length]
+            connection = headers.get(b"connection", b"").lower()
+            self.keep_alive = (connection != b"close" if version == b"HTTP/1.1"
+                               else connection == b"keep-alive")
+            self.fake.stats.requests_total += 1
+            self._dispatch(method, target.partition(b"?")[0], headers, body)
+
+    def _finish(self, data: bytes, *, close: bool = False) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+        if close or not self.keep_alive:
+            self.keep_alive = False
+            self.transport.close()
+
+    def _dispatch(self, method: bytes, path: bytes, headers: dict[bytes, bytes],
+                  body: bytes) -> None:
+        fake = self.fake
+        if path in (b"/v1/chat/completions", b"/v1/completions"):
+            if method != b"POST":
+                self._finish(_error(405, "use POST", "BadRequestError"))
+            else:
+                self._completion(path == b"/v1/chat/completions", headers, body)
+        elif path == b"/health" and method in (b"GET", b"HEAD"):
+            self._finish(_response(200, b""))
+        elif path == b"/v1/models" and method == b"GET":
+            self._finish(_response(200, fake.models_body()))
+        elif path == b"/stats" and method == b"GET":
+            self._finish(_response(200, _dumps(fake.stats.as_dict())))
+        elif path == b"/stats/reset" and method == b"POST":
+            fake.stats.reset()
+            self._finish(_response(200, _dumps(fake.stats.as_dict())))
+        else:
+            self._finish(_error(404, f"no route {path.decode(errors='replace')}", "NotFoundError"))
+
+    def _completion(self, chat: bool, headers: dict[bytes, bytes], body: bytes) -> None:
+        config = self.fake.config
+        try:
+            request = _loads(body)
+            if not isinstance(request, dict):
+                raise TypeError("the body is not a JSON object")
+            model = request.get("model")
+            count = int(headers.get(b"x-fake-events") or request.get("fake_events", config.events))
+            interval_ms = float(headers.get(b"x-fake-interval-ms")
+                                or request.get("fake_interval_ms", config.interval_ms))
+        except (ValueError, TypeError) as exc:
+            self._finish(_error(400, f"invalid request: {exc}", "BadRequestError"))
+            return
+        events = self.fake.events_for(chat, model) if isinstance(model, str) else None
+        if events is None or not isinstance(model, str):
+            self._finish(_error(404, f"The model `{model}` does not exist.", "NotFoundError"))
+            return
+        if count < 1:
+            self._finish(_error(400, "fake_events must be >= 1", "BadRequestError"))
+            return
+        if not request.get("stream"):
+            self._finish(_response(200, self._full_body(chat, model, count)))
+            return
+        stats = self.fake.stats
+        stats.streams_started += 1
+        if interval_ms <= 0 and count <= MAX_CACHED_BURST_EVENTS:
+            stats.streams_completed += 1
+            self._finish(events.burst(count))
+            return
+        assert self.transport is not None
+        stats.active_streams += 1
+        self.streaming = True
+        self.events, self.count, self.index = events, count, 0
+        self.interval = interval_ms / 1000.0
+        self.transport.write(_SSE_HEAD)
+        self.next_at = self.loop.time()
+        self._tick()
+
+    def _tick(self) -> None:
+        # Pacing runs on absolute deadlines so that timer lateness does not accumulate.
+        transport, events = self.transport, self.events
+        if transport is None or events is None or not self.streaming:
+            return
+        if self.interval <= 0:
+            while self.index < self.count - 1 and not transport.is_closing():
+                transport.write(events.event(self.index, self.count))
+                self.index += 1
+                if transport.get_write_buffer_size() > 1 << 20:
+                    # Long unpaced streams yield so a slow reader cannot make us buffer it all.
+                    self.timer = self.loop.call_later(0.001, self._tick)
+                    return
+        if self.index < self.count - 1:
+            transport.write(events.event(self.index, self.count))
+            self.index += 1
+            self.next_at += self.interval
+            self.timer = self.loop.call_at(self.next_at, self._tick)
+            return
+        self.timer = None
+        self.streaming = False
+        stats = self.fake.stats
+        stats.active_streams -= 1
+        stats.streams_completed += 1
+        self._finish(events.event(self.index, self.count) + _DONE_AND_END)
+        if self.buf and self.keep_alive:
+            self._process()
+
+    def _full_body(self, chat: bool, model: str, count: int) -> bytes:
+        config = self.fake.config
+        text = config.token * count
+        usage = {"prompt_tokens": 1, "completion_tokens": count, "total_tokens": count + 1}
+        if chat:
+            return _dumps({"id": "chatcmpl-fake", "object": "chat.completion",
+                           "created": config.created, "model": model, "choices": [
+                               {"index": 0, "message": {"role": "assistant", "content": text},
+                                "logprobs": None, "finish_reason": "stop"}], "usage": usage})
+        return _dumps({"id": "cmpl-fake", "object": "text_completion", "created": config.created,
+                       "model": model, "choices": [
+                           {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop",
+                            "stop_reason": None}], "usage": usage})
+
+
+async def serve(host: str = "127.0.0.1", port: int = 0, *, models: tuple[str, ...] = ("fake-model",),
+                events: int = 16, interval_ms: float = 0.0, max_model_len: int = 8192,
+                backlog: int = 4096) -> FakeVllm:
+    """Start listening and return the running fake (``port`` 0 picks a free one)."""
+    fake = FakeVllm(FakeConfig(models=models, events=events, interval_ms=interval_ms,
+                               max_model_len=max_model_len, created=int(time.time())))
+    loop = asyncio.get_running_loop()
+    fake.server = await loop.create_server(lambda: _Connection(fake), host, port, backlog=backlog)
+    return fake
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--model", action="append", help="served model name (repeatable)")
+    parser.add_argument("--events", type=int, default=16, help="SSE events per stream")
+    parser.add_argument("--interval-ms", type=float, default=0.0,
+                        help="gap between events; 0 sends the whole stream at once")
+    parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--no-uvloop", action="store_true")
+    return parser.parse_args(argv)
+
+
+async def _main(args: argparse.Namespace) -> None:
+    fake = await serve(args.host, args.port, models=tuple(args.model or ["fake-model"]),
+                       events=args.events, interval_ms=args.interval_ms,
+                       max_model_len=args.max_model_len)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    # Tests and scripts wait for this line (it carries the real port when --port 0).
+    print(f"fake_vllm listening on {fake.url}", flush=True)
+    await stop.wait()
+    fake.close()
+    await fake.wait_closed()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if not args.no_uvloop:
+        try:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            print("uvloop not installed, using the default loop", file=sys.stderr)
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_main(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The ASGI application: an explicit route table, nothing reaches a backend by accident."""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute, Route, Router
+
+from gateway.errors import MethodNotAllowed, RouteNotFound, send_json
+from gateway.proxy import PROXIED_PATHS, Proxy
+from gateway.replicas import Registry
+from gateway.types import Receive, Scope, Send
+
+_ALLOW_GET = ((b"allow", b"GET"),)
+
+
+class _GetEndpoint:
+    __slots__ = ()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] not in ("GET", "HEAD"):
+            await MethodNotAllowed(f"{scope['path']} takes GET.", headers=_ALLOW_GET).send_to(send)
+            return
+        status, body = self.answer()
+        await send_json(send, status, body)
+
+    def answer(self) -> tuple[int, bytes]:
+        raise NotImplementedError
+
+
+class ModelsEndpoint(_GetEndpoint):
+    """GET /v1/models: every model of every healthy backend, once, with vLLM's own fields."""
+
+    __slots__ = ("_registry",)
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def answer(self) -> tuple[int, bytes]:
+        return 200, self._registry.models_body()
+
+
+class HealthEndpoint(_GetEndpoint):
+    """GET /health: 200 while the gateway process runs (liveness)."""
+
+    __slots__ = ()
+
+    def answer(self) -> tuple[int, bytes]:
+        return 200, b'{"status":"ok"}'
+
+
+class ReadyEndpoint(_GetEndpoint):
+    """GET /ready: 200 once at least one model has a healthy replica (readiness)."""
+
+    __slots__ = ("_registry",)
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def answer(self) -> tuple[int, bytes]:
+        if self._registry.ready():
+            return 200, b'{"status":"ready"}'
+        return 503, b'{"status":"no model has a healthy replica"}'
+
+
+async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] != "http":
+        return
+    await RouteNotFound(f"Unknown route: {scope['method']} {scope['path']}.").send_to(send)
+
+
+def build_app(registry: Registry, proxy: Proxy) -> Router:
+    routes: list[BaseRoute] = [Route(path, proxy) for path in PROXIED_PATHS]
+    routes += [
+        Route("/v1/models", ModelsEndpoint(registry)),
+        Route("/health", HealthEndpoint()),
+        Route("/ready", ReadyEndpoint(registry)),
+    ]
+    # redirect_slashes would answer a POST to "/v1/completions/" with a redirect that
+    # clients do not follow for POST; an unknown path is simply unknown.
+    return Router(routes, redirect_slashes=False, default=not_found)

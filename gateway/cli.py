@@ -1,0 +1,49 @@
+"""The `vllm-gateway` command: settings from the environment, then serve on uvloop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+import uvloop
+
+from gateway import __version__
+from gateway.server import serve
+from gateway.settings import Settings, SettingsError, help_text
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in ("-h", "--help") for arg in args):
+        print(help_text())
+        return 0
+    if "--version" in args:
+        print(f"vllm-gateway {__version__}")
+        return 0
+    if args:
+        print(
+            f"vllm-gateway: unexpected arguments {args}; it is configured by GATEWAY_* "
+            "environment variables (see --help)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        settings = Settings.from_environ(os.environ if environ is None else environ)
+    except SettingsError as exc:
+        print(f"vllm-gateway: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("gateway").info(
+        "vllm-gateway %s on %s:%d, %d backends",
+        __version__,
+        settings.host,
+        settings.port,
+        len(settings.all_backends),
+    )
+    uvloop.run(serve(settings))
+    return 0

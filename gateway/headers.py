@@ -1,0 +1,75 @@
+"""Which headers cross the gateway, each way.
+
+Hop-by-hop headers (RFC 9110 7.6.1) describe one connection, not the message: the client's
+connection to us and ours to the backend are different connections, so they never cross, and
+neither does any header the `Connection` header names.
+"""
+
+from __future__ import annotations
+
+from gateway.types import Headers
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Set by the client library for the upstream request from the URL and the body it sends.
+_SET_UPSTREAM = frozenset({b"host", b"content-length", b"expect"})
+# Set by hypercorn for the client; the backend's would be duplicates or disclose its server.
+_SET_DOWNSTREAM = frozenset({b"date", b"server"})
+
+_DROP_REQUEST = HOP_BY_HOP | _SET_UPSTREAM
+_DROP_RESPONSE = HOP_BY_HOP | _SET_DOWNSTREAM
+
+SSE_TYPE = b"text/event-stream"
+NO_PROXY_BUFFERING = (b"x-accel-buffering", b"no")
+
+
+def _named_by_connection(headers: Headers) -> frozenset[bytes]:
+    names: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            names.update(token.strip().lower() for token in value.split(b","))
+    return frozenset(names)
+
+
+def request_headers(headers: Headers) -> list[tuple[str, str]]:
+    """The client's end-to-end headers, for the upstream request."""
+    drop = _DROP_REQUEST
+    if any(name == b"connection" for name, _ in headers):
+        drop = drop | _named_by_connection(headers)
+    forwarded = [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in headers
+        if name not in drop
+    ]
+    if not any(name == b"content-type" for name, _ in headers):
+        # aiohttp would label raw bytes application/octet-stream, which vLLM's JSON
+        # endpoints refuse; we have just parsed the body as JSON, so say so.
+        forwarded.append(("content-type", "application/json"))
+    return forwarded
+
+
+def response_headers(raw: tuple[tuple[bytes, bytes], ...]) -> tuple[Headers, bool]:
+    """The backend's end-to-end headers for the client, and whether the body is an SSE stream."""
+    lowered = [(name.lower(), value) for name, value in raw]
+    drop = _DROP_RESPONSE
+    if any(name == b"connection" for name, _ in lowered):
+        drop = drop | _named_by_connection(lowered)
+    headers = [(name, value) for name, value in lowered if name not in drop]
+    streaming = any(
+        name == b"content-type" and value.startswith(SSE_TYPE) for name, value in headers
+    )
+    if streaming:
+        # An nginx in front buffers responses unless told not to; tokens must not wait.
+        headers.append(NO_PROXY_BUFFERING)
+    return headers, streaming

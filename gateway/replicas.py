@@ -1,0 +1,206 @@
+"""Replicas and the routing table: which servers serve a model, which are up, who is next.
+
+All state lives on the event loop's thread and is only touched between awaits, so no lock is
+needed. The health checker writes (`record_pass`, `record_fail`); requests read (`pick`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+
+from gateway.backends import Backend
+from gateway.errors import ModelNotFound, NoHealthyReplica
+
+ModelCard = dict[str, Any]
+
+
+class Replica:
+    """One backend server, its health and the models it serves."""
+
+    __slots__ = ("backend", "healthy", "ever_up", "passes", "fails", "cards", "pinned", "_urls")
+
+    def __init__(self, backend: Backend, *, pinned: Iterable[str] = ()) -> None:
+        self.backend = backend
+        self.healthy = False
+        self.ever_up = False
+        self.passes = 0
+        self.fails = 0
+        # Discovered from the server's /v1/models: id -> the server's own model card.
+        self.cards: dict[str, ModelCard] = {}
+        self.pinned = frozenset(pinned)
+        self._urls: dict[str, Any] = {}
+
+    def serves(self, model: str) -> bool:
+        return model in self.cards or model in self.pinned
+
+    def url(self, path: str) -> Any:
+        """The upstream URL for a route path, built once per replica and path."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = self.backend.endpoint(path)
+        return url
+
+    def __repr__(self) -> str:
+        state = "up" if self.healthy else "down"
+        models = ",".join(sorted(self.cards.keys() | self.pinned))
+        return (
+            f"<Replica {self.backend.url} [{state} | passes {self.passes}, fails {self.fails}"
+            f" | models {models or '-'}]>"
+        )
+
+
+class ModelRoute:
+    """The replicas that serve one model, and the round-robin position among them."""
+
+    __slots__ = ("model", "replicas", "_next")
+
+    def __init__(self, model: str, replicas: list[Replica], start: int = 0) -> None:
+        self.model = model
+        self.replicas = replicas
+        self._next = start
+
+    def pick(self) -> Replica | None:
+        """The next healthy replica in turn, or None when every one is down."""
+        replicas = self.replicas
+        count = len(replicas)
+        for offset in range(count):
+            index = (self._next + offset) % count
+            replica = replicas[index]
+            if replica.healthy:
+                self._next = index + 1
+                return replica
+        return None
+
+    def __repr__(self) -> str:
+        up = sum(1 for replica in self.replicas if replica.healthy)
+        return f"<ModelRoute {self.model} [{up} of {len(self.replicas)} replicas up]>"
+
+
+class Registry:
+    """Every replica, the routing table built from them, and the merged /v1/models answer."""
+
+    __slots__ = (
+        "replicas",
+        "_fall",
+        "_rise",
+        "_retry_after",
+        "_routes",
+        "_models_body",
+        "_created",
+    )
+
+    def __init__(
+        self,
+        backends: Iterable[Backend],
+        pinned: Mapping[str, Iterable[Backend]],
+        *,
+        fall: int,
+        rise: int,
+        retry_after_s: int,
+    ) -> None:
+        pins: dict[str, set[str]] = {}
+        for model, model_backends in pinned.items():
+            for backend in model_backends:
+                pins.setdefault(backend.url, set()).add(model)
+        ordered: dict[str, Backend] = {backend.url: backend for backend in backends}
+        for model_backends in pinned.values():
+            for backend in model_backends:
+                ordered.setdefault(backend.url, backend)
+        self.replicas = tuple(
+            Replica(backend, pinned=pins.get(url, ())) for url, backend in ordered.items()
+        )
+        self._fall = fall
+        self._rise = rise
+        self._retry_after = ((b"retry-after", str(retry_after_s).encode()),)
+        self._created = int(time.time())
+        self._routes: dict[str, ModelRoute] = {}
+        self._models_body = b""
+        self._rebuild()
+
+    def pick(self, model: str) -> Replica:
+        """The replica to send a request for `model` to, or the error to answer."""
+        route = self._routes.get(model)
+        if route is None:
+            if any(not replica.ever_up for replica in self.replicas):
+                # A server that has never answered may be the one serving this model (vLLM
+                # takes minutes to load), so say "not yet" rather than "no such model".
+                raise NoHealthyReplica(
+                    f"The model `{model}` is not available yet: some backends have not come up.",
+                    headers=self._retry_after,
+                )
+            raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
+        replica = route.pick()
+        if replica is None:
+            raise NoHealthyReplica(
+                f"The model `{model}` has no healthy replica right now.",
+                headers=self._retry_after,
+            )
+        return replica
+
+    def record_pass(self, replica: Replica, cards: list[ModelCard]) -> None:
+        replica.fails = 0
+        replica.passes += 1
+        was = (replica.healthy, replica.cards)
+        replica.cards = {card["id"]: card for card in cards}
+        if not replica.healthy and (not replica.ever_up or replica.passes >= self._rise):
+            replica.healthy = True
+            replica.ever_up = True
+        if (replica.healthy, replica.cards) != was:
+            self._rebuild()
+
+    def record_fail(self, replica: Replica) -> None:
+        replica.passes = 0
+        replica.fails += 1
+        if replica.healthy and replica.fails >= self._fall:
+            replica.healthy = False
+            self._rebuild()
+
+    def ready(self) -> bool:
+        return any(
+            replica.healthy and (replica.cards or replica.pinned) for replica in self.replicas
+        )
+
+    def models_body(self) -> bytes:
+        return self._models_body
+
+    def _rebuild(self) -> None:
+        # A down replica keeps the models it last listed, so its models stay known (503, not
+        # 404) while it restarts; a healthy one that stops listing a model (a LoRA adapter
+        # unloaded) stops getting it at once.
+        members: dict[str, list[Replica]] = {}
+        for replica in self.replicas:
+            for model in replica.cards.keys() | replica.pinned:
+                members.setdefault(model, []).append(replica)
+        old = self._routes
+        self._routes = {
+            model: ModelRoute(model, replicas, old[model]._next if model in old else 0)
+            for model, replicas in members.items()
+        }
+        cards: dict[str, ModelCard] = {}
+        for replica in self.replicas:
+            if not replica.healthy:
+                continue
+            for model_id, card in replica.cards.items():
+                cards.setdefault(model_id, card)
+            for model_id in sorted(replica.pinned):
+                cards.setdefault(model_id, self._pinned_card(model_id))
+        self._models_body = orjson.dumps({"object": "list", "data": list(cards.values())})
+
+    def _pinned_card(self, model: str) -> ModelCard:
+        return {
+            "id": model,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "vllm-gateway",
+            "root": model,
+            "parent": None,
+        }
+
+    def __repr__(self) -> str:
+        up = sum(1 for replica in self.replicas if replica.healthy)
+        down = len(self.replicas) - up
+        return f"<Registry [Replicas: {up} up, {down} down | Models: {len(self._routes)}]>"

@@ -1,0 +1,113 @@
+"""Fixtures: fake vLLM servers and the gateway in real hypercorn, each on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+import uvloop
+from hypercorn.asyncio import serve as hypercorn_serve
+
+from gateway.server import Gateway, hypercorn_config, running
+from gateway.settings import Settings
+from tests.fakes import FakeVllm
+
+# Fast checks, so that tests waiting on health rounds wait a few milliseconds.
+TEST_ENV = {
+    "GATEWAY_HEALTH_INTERVAL_S": "0.02",
+    "GATEWAY_HEALTH_TIMEOUT_S": "2",
+    "GATEWAY_HEALTH_FALL": "1",
+    "GATEWAY_HEALTH_RISE": "1",
+    "GATEWAY_LOG_LEVEL": "warning",
+}
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    # The gateway runs on uvloop in production; so does every test.
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    parts: Gateway
+
+    async def wait_rounds(self, count: int = 1) -> None:
+        await self.parts.health.wait_rounds(count)
+
+
+@asynccontextmanager
+async def serve_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
+    """The gateway under real hypercorn on a free port, on this test's loop."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    # Hypercorn takes ownership of the descriptor; connections queue in the backlog until
+    # it accepts, so the URL is usable at once.
+    bind = f"fd://{sock.detach()}"
+    async with running(settings) as parts:
+        stop = asyncio.Event()
+        server = asyncio.create_task(
+            hypercorn_serve(
+                parts.app,  # type: ignore[arg-type]
+                hypercorn_config(settings, bind=bind),
+                shutdown_trigger=stop.wait,
+            )
+        )
+        try:
+            yield RunningGateway(f"http://127.0.0.1:{port}", parts)
+        finally:
+            stop.set()
+            await server
+
+
+StartGateway = Callable[..., Awaitable[RunningGateway]]
+StartFake = Callable[..., Awaitable[FakeVllm]]
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[AsyncExitStack]:
+    async with AsyncExitStack() as exit_stack:
+        yield exit_stack
+
+
+@pytest.fixture
+def start_fake(stack: AsyncExitStack) -> StartFake:
+    async def start(name: str, **options: Any) -> FakeVllm:
+        fake = FakeVllm(name, **options)
+        await fake.start()
+        stack.push_async_callback(fake.stop)
+        return fake
+
+    return start
+
+
+@pytest.fixture
+def start_gateway(stack: AsyncExitStack) -> StartGateway:
+    async def start(*backends: FakeVllm | str, wait: bool = True, **env: str) -> RunningGateway:
+        environ = dict(TEST_ENV)
+        urls = [b.url if isinstance(b, FakeVllm) else b for b in backends]
+        if urls:
+            environ["GATEWAY_BACKENDS"] = ",".join(urls)
+        environ.update(env)
+        gateway = await stack.enter_async_context(serve_gateway(Settings.from_environ(environ)))
+        if wait:
+            await gateway.wait_rounds(1)
+        return gateway
+
+    return start
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session

@@ -9,7 +9,7 @@ from gateway.proxy import PROXIED_PATHS, Proxy
 from gateway.replicas import Registry
 from gateway.types import Receive, Scope, Send
 
-_ALLOW_GET = ((b"allow", b"GET"),)
+_ALLOW_GET = ((b"allow", b"GET, HEAD"),)
 
 
 class _GetEndpoint:

@@ -62,7 +62,9 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             try:
                 declared = int(value)
             except ValueError:
-                raise BodyRefused(BadRequest("The Content-Length header is not a number.")) from None
+                raise BodyRefused(
+                    BadRequest("The Content-Length header is not a number.")
+                ) from None
             if declared > limit:
                 raise BodyRefused(_too_large(limit))
             break

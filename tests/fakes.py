@@ -31,7 +31,9 @@ _POST_PATHS = (
 )
 
 
-def model_card(model_id: str, *, parent: str | None = None, max_model_len: int = 2048) -> dict[str, Any]:
+def model_card(
+    model_id: str, *, parent: str | None = None, max_model_len: int = 2048
+) -> dict[str, Any]:
     """A model entry as vLLM lists it; a LoRA adapter has its base model as `parent`."""
     return {
         "id": model_id,
@@ -78,6 +80,8 @@ class FakeVllm:
     name: str
     models: list[dict[str, Any]] = field(default_factory=list)
     health_status: int = 200
+    # Hold every /health answer until the test sets it (a server too busy to answer).
+    health_gate: asyncio.Event | None = None
     models_status: int = 200
     # A stream is these raw chunks, written one write each; by default sse_events(name, 4).
     chunks: list[bytes] | None = None
@@ -136,6 +140,8 @@ class FakeVllm:
 
     async def _health(self, request: web.Request) -> web.Response:
         self.health_checks += 1
+        if self.health_gate is not None:
+            await self.health_gate.wait()
         return web.Response(status=self.health_status)
 
     async def _models(self, request: web.Request) -> web.Response:

@@ -76,7 +76,10 @@ async def test_body_goes_upstream_byte_for_byte(
     alpha = await start_fake("alpha")
     gateway = await start_gateway(alpha)
     # Odd spacing, key order, unicode escapes and a trailing newline must all survive.
-    body = b'{ "stream":false,"messages":[{"role":"user","content":"h\\u00e9 \xc3\xa9"}],  "model" :"alpha"}\n'
+    body = (
+        b'{ "stream":false,"messages":[{"role":"user","content":"h\\u00e9 \xc3\xa9"}],'
+        b'  "model" :"alpha"}\n'
+    )
     async with client.post(gateway.url + CHAT, data=body) as response:
         assert response.status == 200
     assert alpha.seen[0].body == body

@@ -14,60 +14,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Self, cast
+from typing import Self, cast
 
 try:
-    import orjson
-
-    _loads: Callable[[bytes], Any] = orjson.loads
-    _dumps: Callable[[Any], bytes] = orjson.dumps
-except ImportError:  # the fake must also run on a bare interpreter
-    import json
-
-    _loads = json.loads
-
-    def _dumps(obj: Any) -> bytes:
-        return json.dumps(obj, separators=(",", ":")).encode()
-
+    from bench import fake_payloads as payloads
+except ImportError:  # run as a script: bench/ itself is sys.path[0]
+    import fake_payloads as payloads  # type: ignore[import-not-found, no-redef]
 
 MAX_HEAD_BYTES = 64 * 1024
-# Bursts up to this many events are cached whole; longer streams are written event by event.
-MAX_CACHED_BURST_EVENTS = 4096
-MAX_CACHED_BURSTS = 256
-
-_SSE_HEAD = (
-    b"HTTP/1.1 200 OK\r\nserver: fake-vllm\r\n"
-    b"content-type: text/event-stream; charset=utf-8\r\n"
-    b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
-)
-_DONE = b"data: [DONE]\n\n"
-_DONE_AND_END = b"%x\r\n%s\r\n0\r\n\r\n" % (len(_DONE), _DONE)
-_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-            413: b"Payload Too Large", 431: b"Request Header Fields Too Large",
-            501: b"Not Implemented"}
-
-
-@dataclass(frozen=True)
-class FakeConfig:
-    models: tuple[str, ...] = ("fake-model",)
-    events: int = 16
-    interval_ms: float = 0.0
-    max_model_len: int = 8192
-    token: str = " tok"
-    created: int = 0
 
 
 class FakeStats:
     """Counters served at ``GET /stats``; ``reset()`` keeps the live gauges."""
 
-    __slots__ = ("active_streams", "connections_total", "first_abort_unix", "last_abort_unix",
-                 "open_connections", "requests_total", "streams_aborted", "streams_completed",
-                 "streams_started")
+    __slots__ = (
+        "active_streams",
+        "connections_total",
+        "first_abort_unix",
+        "last_abort_unix",
+        "open_connections",
+        "requests_total",
+        "streams_aborted",
+        "streams_completed",
+        "streams_started",
+    )
 
     def __init__(self) -> None:
         self.open_connections = 0
@@ -87,95 +62,57 @@ class FakeStats:
         return {name: getattr(self, name) for name in self.__slots__}
 
     def __repr__(self) -> str:
-        return (f"<FakeStats [Connections: {self.open_connections} open | Streams: "
-                f"{self.active_streams} active, {self.streams_completed} completed, "
-                f"{self.streams_aborted} aborted]>")
+        return (
+            f"<FakeStats [Connections: {self.open_connections} open | Streams: "
+            f"{self.active_streams} active, {self.streams_completed} completed, "
+            f"{self.streams_aborted} aborted]>"
+        )
 
 
-def _chunk(payload: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(payload), payload)
+class Pacer:
+    """Paced streams due in the same millisecond share one timer: thousands of slow streams
+    cost one timer callback per tick instead of one TimerHandle per event. An entry left by
+    a dropped connection fires harmlessly (``tick`` checks the stream is still live)."""
 
+    __slots__ = ("buckets", "loop")
 
-def _event(obj: dict[str, Any]) -> bytes:
-    return _chunk(b"data: " + _dumps(obj) + b"\n\n")
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.buckets: dict[int, list[_Connection]] = {}
 
+    def schedule(self, conn: _Connection, at: float) -> None:
+        key = math.ceil(at * 1000)
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = []
+            self.loop.call_at(key / 1000, self._fire, key)
+        bucket.append(conn)
 
-class EventBytes:
-    """The chunk-framed SSE events of one (endpoint, model), built once.
+    def _fire(self, key: int) -> None:
+        for conn in self.buckets.pop(key):
+            conn.tick()
 
-    Every token event is identical, so a stream of N events is first + middle*(N-2) + last.
-    """
-
-    __slots__ = ("_bursts", "first", "last", "middle", "single")
-
-    def __init__(self, *, chat: bool, model: str, config: FakeConfig) -> None:
-        def make(role: bool, finish: bool) -> bytes:
-            reason = "stop" if finish else None
-            if chat:
-                delta: dict[str, str] = {"role": "assistant"} if role else {}
-                delta["content"] = config.token
-                return _event({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
-                               "created": config.created, "model": model, "choices": [
-                                   {"index": 0, "delta": delta, "logprobs": None,
-                                    "finish_reason": reason}]})
-            return _event({"id": "cmpl-fake", "object": "text_completion",
-                           "created": config.created, "model": model, "choices": [
-                               {"index": 0, "text": config.token, "logprobs": None,
-                                "finish_reason": reason, "stop_reason": None}]})
-
-        self.single = make(True, True)
-        self.first = make(True, False)
-        self.middle = make(False, False)
-        self.last = make(False, True)
-        self._bursts: dict[int, bytes] = {}
-
-    def event(self, index: int, count: int) -> bytes:
-        if count == 1:
-            return self.single
-        if index == 0:
-            return self.first
-        return self.last if index == count - 1 else self.middle
-
-    def burst(self, count: int) -> bytes:
-        """Headers, all events, [DONE] and the terminating chunk as one buffer."""
-        cached = self._bursts.get(count)
-        if cached is not None:
-            return cached
-        body = self.single if count == 1 else (
-            self.first + self.middle * max(count - 2, 0) + self.last if count > 1 else b"")
-        data = _SSE_HEAD + body + _DONE_AND_END
-        if count <= MAX_CACHED_BURST_EVENTS and len(self._bursts) < MAX_CACHED_BURSTS:
-            self._bursts[count] = data
-        return data
-
-
-def _response(status: int, body: bytes, *, content_type: bytes = b"application/json",
-              close: bool = False) -> bytes:
-    return b"HTTP/1.1 %d %s\r\nserver: fake-vllm\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n%s" % (
-        status, _REASONS.get(status, b"Error"), content_type, len(body),
-        b"connection: close\r\n" if close else b"", body)
-
-
-def _error(status: int, message: str, kind: str, *, close: bool = False) -> bytes:
-    # vLLM's error envelope: clients read body["error"]["message"].
-    body = _dumps({"error": {"message": message, "type": kind, "param": None, "code": status}})
-    return _response(status, body, close=close)
+    def __repr__(self) -> str:
+        return f"<Pacer [{sum(map(len, self.buckets.values()))} streams waiting]>"
 
 
 class FakeVllm:
     """One listening fake; ``close()`` also drops every open connection."""
 
-    __slots__ = ("_events", "config", "connections", "server", "stats")
+    __slots__ = ("_events", "config", "connections", "pacer", "server", "stats")
 
-    def __init__(self, config: FakeConfig) -> None:
+    def __init__(self, config: payloads.FakeConfig, pacer: Pacer) -> None:
         self.config = config
+        self.pacer = pacer
         self.stats = FakeStats()
         self.server: asyncio.Server | None = None
         self.connections: set[_Connection] = set()
-        self._events: dict[tuple[bool, str], EventBytes] = {}
+        self._events: dict[tuple[bool, str], payloads.EventBytes] = {}
         for model in config.models:
             for chat in (True, False):
-                self._events[(chat, model)] = EventBytes(chat=chat, model=model, config=config)
+                self._events[(chat, model)] = payloads.EventBytes(
+                    chat=chat, model=model, config=config
+                )
 
     @property
     def port(self) -> int:
@@ -188,14 +125,8 @@ class FakeVllm:
         host = self.server.sockets[0].getsockname()[0]
         return f"http://{host}:{self.port}"
 
-    def events_for(self, chat: bool, model: str) -> EventBytes | None:
+    def events_for(self, chat: bool, model: str) -> payloads.EventBytes | None:
         return self._events.get((chat, model))
-
-    def models_body(self) -> bytes:
-        data: list[dict[str, Any]] = [{"id": m, "object": "model", "created": self.config.created, "owned_by": "vllm",
-                 "root": m, "parent": None, "max_model_len": self.config.max_model_len,
-                 "permission": []} for m in self.config.models]
-        return _dumps({"object": "list", "data": data})
 
     def close(self) -> None:
         if self.server is not None:
@@ -222,8 +153,19 @@ class _Connection(asyncio.Protocol):
     """One client connection. Requests are answered strictly in order: while a paced stream
     is running, later pipelined requests wait in ``buf``."""
 
-    __slots__ = ("buf", "count", "events", "fake", "index", "interval", "keep_alive", "loop",
-                 "next_at", "streaming", "timer", "transport")
+    __slots__ = (
+        "buf",
+        "count",
+        "events",
+        "fake",
+        "index",
+        "interval",
+        "keep_alive",
+        "loop",
+        "next_at",
+        "streaming",
+        "transport",
+    )
 
     def __init__(self, fake: FakeVllm) -> None:
         self.fake = fake
@@ -231,12 +173,11 @@ class _Connection(asyncio.Protocol):
         self.buf = bytearray()
         self.streaming = False
         self.keep_alive = True
-        self.events: EventBytes | None = None
+        self.events: payloads.EventBytes | None = None
         self.index = 0
         self.count = 0
         self.interval = 0.0
         self.next_at = 0.0
-        self.timer: asyncio.TimerHandle | None = None
         self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -253,8 +194,6 @@ class _Connection(asyncio.Protocol):
         self.fake.connections.discard(self)
         if self.streaming:
             self.streaming = False
-            if self.timer is not None:
-                self.timer.cancel()
             stats.active_streams -= 1
             stats.streams_aborted += 1
             now = time.time()
@@ -278,12 +217,16 @@ class _Connection(asyncio.Protocol):
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > MAX_HEAD_BYTES:
-                    self._finish(_error(431, "request head too large", "BadRequestError"), close=True)
+                    self._finish(
+                        payloads.error(431, "request head too large", "BadRequestError"), close=True
+                    )
                 return
             lines = bytes(buf[:end]).split(b"\r\n")
             parts = lines[0].split(b" ")
             if len(parts) != 3:
-                self._finish(_error(400, "malformed request line", "BadRequestError"), close=True)
+                self._finish(
+                    payloads.error(400, "malformed request line", "BadRequestError"), close=True
+                )
                 return
             method, target, version = parts
             headers: dict[bytes, bytes] = {}
@@ -291,21 +234,28 @@ class _Connection(asyncio.Protocol):
                 name, _, value = line.partition(b":")
                 headers[name.strip().lower()] = value.strip()
             if b"chunked" in headers.get(b"transfer-encoding", b""):
-                self._finish(_error(501, "chunked request bodies are not supported",
-                                    "NotImplementedError"), close=True)
+                self._finish(
+                    payloads.error(
+                        501, "chunked request bodies are not supported", "NotImplementedError"
+                    ),
+                    close=True,
+                )
                 return
             try:
                 length = int(headers.get(b"content-length", b"0"))
             except ValueError:
-                self._finish(_error(400, "bad content-length", "BadRequestError"), close=True)
+                self._finish(
+                    payloads.error(400, "bad content-length", "BadRequestError"), close=True
+                )
                 return
             if len(buf) < end + 4 + length:
                 return
-            body = bytes(buf[end + 4:end + 4 + length])
-            del buf[:end + 4 + length]
+            body = bytes(buf[end + 4 : end + 4 + length])
+            del buf[: end + 4 + length]
             connection = headers.get(b"connection", b"").lower()
-            self.keep_alive = (connection != b"close" if version == b"HTTP/1.1"
-                               else connection == b"keep-alive")
+            self.keep_alive = (
+                connection != b"close" if version == b"HTTP/1.1" else connection == b"keep-alive"
+            )
             self.fake.stats.requests_total += 1
             self._dispatch(method, target.partition(b"?")[0], headers, body)
 
@@ -316,52 +266,59 @@ class _Connection(asyncio.Protocol):
             self.keep_alive = False
             self.transport.close()
 
-    def _dispatch(self, method: bytes, path: bytes, headers: dict[bytes, bytes],
-                  body: bytes) -> None:
+    def _dispatch(
+        self, method: bytes, path: bytes, headers: dict[bytes, bytes], body: bytes
+    ) -> None:
         fake = self.fake
         if path in (b"/v1/chat/completions", b"/v1/completions"):
             if method != b"POST":
-                self._finish(_error(405, "use POST", "BadRequestError"))
+                self._finish(payloads.error(405, "use POST", "BadRequestError"))
             else:
                 self._completion(path == b"/v1/chat/completions", headers, body)
         elif path == b"/health" and method in (b"GET", b"HEAD"):
-            self._finish(_response(200, b""))
+            self._finish(payloads.response(200, b""))
         elif path == b"/v1/models" and method == b"GET":
-            self._finish(_response(200, fake.models_body()))
+            self._finish(payloads.response(200, payloads.models_body(fake.config)))
         elif path == b"/stats" and method == b"GET":
-            self._finish(_response(200, _dumps(fake.stats.as_dict())))
+            self._finish(payloads.response(200, payloads.dumps(fake.stats.as_dict())))
         elif path == b"/stats/reset" and method == b"POST":
             fake.stats.reset()
-            self._finish(_response(200, _dumps(fake.stats.as_dict())))
+            self._finish(payloads.response(200, payloads.dumps(fake.stats.as_dict())))
         else:
-            self._finish(_error(404, f"no route {path.decode(errors='replace')}", "NotFoundError"))
+            self._finish(
+                payloads.error(404, f"no route {path.decode(errors='replace')}", "NotFoundError")
+            )
 
     def _completion(self, chat: bool, headers: dict[bytes, bytes], body: bytes) -> None:
         config = self.fake.config
         try:
-            request = _loads(body)
+            request = payloads.loads(body)
             if not isinstance(request, dict):
                 raise TypeError("the body is not a JSON object")
             model = request.get("model")
             count = int(headers.get(b"x-fake-events") or request.get("fake_events", config.events))
-            interval_ms = float(headers.get(b"x-fake-interval-ms")
-                                or request.get("fake_interval_ms", config.interval_ms))
+            interval_ms = float(
+                headers.get(b"x-fake-interval-ms")
+                or request.get("fake_interval_ms", config.interval_ms)
+            )
         except (ValueError, TypeError) as exc:
-            self._finish(_error(400, f"invalid request: {exc}", "BadRequestError"))
+            self._finish(payloads.error(400, f"invalid request: {exc}", "BadRequestError"))
             return
         events = self.fake.events_for(chat, model) if isinstance(model, str) else None
         if events is None or not isinstance(model, str):
-            self._finish(_error(404, f"The model `{model}` does not exist.", "NotFoundError"))
+            self._finish(
+                payloads.error(404, f"The model `{model}` does not exist.", "NotFoundError")
+            )
             return
         if count < 1:
-            self._finish(_error(400, "fake_events must be >= 1", "BadRequestError"))
+            self._finish(payloads.error(400, "fake_events must be >= 1", "BadRequestError"))
             return
         if not request.get("stream"):
-            self._finish(_response(200, self._full_body(chat, model, count)))
+            self._finish(payloads.response(200, events.full_body(count)))
             return
         stats = self.fake.stats
         stats.streams_started += 1
-        if interval_ms <= 0 and count <= MAX_CACHED_BURST_EVENTS:
+        if interval_ms <= 0 and count <= payloads.MAX_CACHED_BURST_EVENTS:
             stats.streams_completed += 1
             self._finish(events.burst(count))
             return
@@ -370,11 +327,11 @@ class _Connection(asyncio.Protocol):
         self.streaming = True
         self.events, self.count, self.index = events, count, 0
         self.interval = interval_ms / 1000.0
-        self.transport.write(_SSE_HEAD)
+        self.transport.write(payloads.SSE_HEAD)
         self.next_at = self.loop.time()
-        self._tick()
+        self.tick()
 
-    def _tick(self) -> None:
+    def tick(self) -> None:
         # Pacing runs on absolute deadlines so that timer lateness does not accumulate.
         transport, events = self.transport, self.events
         if transport is None or events is None or not self.streaming:
@@ -385,45 +342,45 @@ class _Connection(asyncio.Protocol):
                 self.index += 1
                 if transport.get_write_buffer_size() > 1 << 20:
                     # Long unpaced streams yield so a slow reader cannot make us buffer it all.
-                    self.timer = self.loop.call_later(0.001, self._tick)
+                    self.fake.pacer.schedule(self, self.loop.time() + 0.001)
                     return
         if self.index < self.count - 1:
             transport.write(events.event(self.index, self.count))
             self.index += 1
             self.next_at += self.interval
-            self.timer = self.loop.call_at(self.next_at, self._tick)
+            self.fake.pacer.schedule(self, self.next_at)
             return
-        self.timer = None
         self.streaming = False
         stats = self.fake.stats
         stats.active_streams -= 1
         stats.streams_completed += 1
-        self._finish(events.event(self.index, self.count) + _DONE_AND_END)
+        self._finish(events.event(self.index, self.count) + payloads.DONE_AND_END)
         if self.buf and self.keep_alive:
             self._process()
 
-    def _full_body(self, chat: bool, model: str, count: int) -> bytes:
-        config = self.fake.config
-        text = config.token * count
-        usage = {"prompt_tokens": 1, "completion_tokens": count, "total_tokens": count + 1}
-        if chat:
-            return _dumps({"id": "chatcmpl-fake", "object": "chat.completion",
-                           "created": config.created, "model": model, "choices": [
-                               {"index": 0, "message": {"role": "assistant", "content": text},
-                                "logprobs": None, "finish_reason": "stop"}], "usage": usage})
-        return _dumps({"id": "cmpl-fake", "object": "text_completion", "created": config.created,
-                       "model": model, "choices": [
-                           {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop",
-                            "stop_reason": None}], "usage": usage})
 
-
-async def serve(host: str = "127.0.0.1", port: int = 0, *, models: tuple[str, ...] = ("fake-model",),
-                events: int = 16, interval_ms: float = 0.0, max_model_len: int = 8192,
-                backlog: int = 4096) -> FakeVllm:
+async def serve(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    models: tuple[str, ...] = ("fake-model",),
+    events: int = 16,
+    interval_ms: float = 0.0,
+    max_model_len: int = 8192,
+    backlog: int = 4096,
+) -> FakeVllm:
     """Start listening and return the running fake (``port`` 0 picks a free one)."""
-    fake = FakeVllm(FakeConfig(models=models, events=events, interval_ms=interval_ms,
-                               max_model_len=max_model_len, created=int(time.time())))
     loop = asyncio.get_running_loop()
+    fake = FakeVllm(
+        payloads.FakeConfig(
+            models=models,
+            events=events,
+            interval_ms=interval_ms,
+            max_model_len=max_model_len,
+            created=int(time.time()),
+        ),
+        Pacer(loop),
+    )
     fake.server = await loop.create_server(lambda: _Connection(fake), host, port, backlog=backlog)
     return fake
 
@@ -434,17 +391,26 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--model", action="append", help="served model name (repeatable)")
     parser.add_argument("--events", type=int, default=16, help="SSE events per stream")
-    parser.add_argument("--interval-ms", type=float, default=0.0,
-                        help="gap between events; 0 sends the whole stream at once")
+    parser.add_argument(
+        "--interval-ms",
+        type=float,
+        default=0.0,
+        help="gap between events; 0 sends the whole stream at once",
+    )
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--no-uvloop", action="store_true")
     return parser.parse_args(argv)
 
 
 async def _main(args: argparse.Namespace) -> None:
-    fake = await serve(args.host, args.port, models=tuple(args.model or ["fake-model"]),
-                       events=args.events, interval_ms=args.interval_ms,
-                       max_model_len=args.max_model_len)
+    fake = await serve(
+        args.host,
+        args.port,
+        models=tuple(args.model or ["fake-model"]),
+        events=args.events,
+        interval_ms=args.interval_ms,
+        max_model_len=args.max_model_len,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -12,7 +12,9 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 PROC = "/proc"
 
@@ -42,7 +44,7 @@ def parent_pid(pid: int) -> int | None:
     if stat is None:
         return None
     # The command name (field 2) may hold spaces and parentheses: parse after the last ')'.
-    return int(stat[stat.rindex(")") + 2:].split()[1])
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
 
 
 def tree_pids(root: int) -> list[int]:
@@ -94,9 +96,14 @@ def open_fds(pid: int) -> int:
 
 def sample(root: int) -> ProcSample:
     pids = tree_pids(root)
-    return ProcSample(root=root, pids=tuple(pids), cpu_ns=sum(cpu_ns(p) for p in pids),
-                      rss_bytes=sum(rss_bytes(p) for p in pids),
-                      fds=sum(open_fds(p) for p in pids), at=time.monotonic())
+    return ProcSample(
+        root=root,
+        pids=tuple(pids),
+        cpu_ns=sum(cpu_ns(p) for p in pids),
+        rss_bytes=sum(rss_bytes(p) for p in pids),
+        fds=sum(open_fds(p) for p in pids),
+        at=time.monotonic(),
+    )
 
 
 def cpu_seconds(before: ProcSample, after: ProcSample) -> float:
@@ -111,19 +118,44 @@ def cpu_share(before: ProcSample, after: ProcSample) -> float:
 
 def describe(before: ProcSample, after: ProcSample) -> dict[str, float | int]:
     """The usual figures of one run, ready for a JSON report."""
-    return {"pid": after.root, "processes": len(after.pids),
-            "cpu_s": round(cpu_seconds(before, after), 4),
-            "cpu_cores": round(cpu_share(before, after), 4),
-            "rss_mib_before": round(before.rss_bytes / 2**20, 2),
-            "rss_mib_after": round(after.rss_bytes / 2**20, 2),
-            "fds_after": after.fds}
+    return {
+        "pid": after.root,
+        "processes": len(after.pids),
+        "cpu_s": round(cpu_seconds(before, after), 4),
+        "cpu_cores": round(cpu_share(before, after), 4),
+        "rss_mib_before": round(before.rss_bytes / 2**20, 2),
+        "rss_mib_after": round(after.rss_bytes / 2**20, 2),
+        "fds_after": after.fds,
+    }
+
+
+class Meter:
+    """This process's CPU (reported as ``{name}_cpu_*``) and the watched trees' figures, from
+    construction to ``report()``."""
+
+    def __init__(self, pids: Sequence[int], *, name: str = "loadgen") -> None:
+        self.name, self.pids = name, list(pids)
+        self.cpu0, self.wall0 = time.process_time(), time.monotonic()
+        self.before = {pid: sample(pid) for pid in self.pids}
+
+    def report(self) -> dict[str, Any]:
+        cpu, wall = time.process_time() - self.cpu0, time.monotonic() - self.wall0
+        return {
+            f"{self.name}_cpu_s": round(cpu, 3),
+            f"{self.name}_cpu_cores": round(cpu / wall, 3),
+            "processes": [describe(self.before[p], sample(p)) for p in self.pids],
+        }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Sample CPU/RSS/fds of process trees.")
     parser.add_argument("pids", type=int, nargs="+")
-    parser.add_argument("--every", type=float, default=0.0,
-                        help="seconds between samples; 0 prints one sample and exits")
+    parser.add_argument(
+        "--every",
+        type=float,
+        default=0.0,
+        help="seconds between samples; 0 prints one sample and exits",
+    )
     args = parser.parse_args(argv)
     if args.every <= 0:
         for pid in args.pids:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import fake_vllm, loadgen, proc_stats
+from bench import fake_vllm, hold_streams, loadgen, proc_stats
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 MODEL = "bench-model"
@@ -28,13 +28,19 @@ async def fake() -> AsyncIterator[fake_vllm.FakeVllm]:
 async def test_fake_cli_announces_its_port_and_lists_its_model() -> None:
     """The CLI prints its real URL once listening and serves vLLM's /v1/models shape."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(BENCH / "fake_vllm.py"), "--port", "0", "--model", MODEL,
-        stdout=asyncio.subprocess.PIPE)
+        sys.executable,
+        str(BENCH / "fake_vllm.py"),
+        "--port",
+        "0",
+        "--model",
+        MODEL,
+        stdout=asyncio.subprocess.PIPE,
+    )
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
         url = line.split(" on ", 1)[1].strip()
-        models = await loadgen.fetch_json(url + "/v1/models")
+        models = await hold_streams.fetch_json(url + "/v1/models")
         assert models["object"] == "list"
         (model,) = models["data"]
         assert model["id"] == model["root"] == MODEL
@@ -57,10 +63,12 @@ async def test_loadgen_direct_counts_every_event(fake: fake_vllm.FakeVllm) -> No
 
 
 async def test_loadgen_records_one_gap_between_each_pair_of_paced_events(
-        fake: fake_vllm.FakeVllm, tmp_path: Path) -> None:
+    fake: fake_vllm.FakeVllm, tmp_path: Path
+) -> None:
     """Per-request overrides reach the fake, and the raw samples hold n-1 gaps per stream."""
-    spec = loadgen.LoadSpec(url=fake.url, model=MODEL, concurrency=2, requests=6, events=3,
-                            interval_ms=2.0)
+    spec = loadgen.LoadSpec(
+        url=fake.url, model=MODEL, concurrency=2, requests=6, events=3, interval_ms=2.0
+    )
     samples = tmp_path / "samples.json"
     summary = await loadgen.run_load(spec, samples_path=str(samples))
     assert summary["errors"] == 0, summary["first_error"]
@@ -81,7 +89,7 @@ async def test_loadgen_counts_error_statuses(fake: fake_vllm.FakeVllm) -> None:
 
 async def _rechunking_server(body_piece: int) -> asyncio.Server:
     """Answers every request with a 3-event SSE body cut into tiny chunks that split events."""
-    sse = b"".join(b"data: {\"n\": %d}\n\n" % i for i in range(3)) + b"data: [DONE]\n\n"
+    sse = b"".join(b'data: {"n": %d}\n\n' % i for i in range(3)) + b"data: [DONE]\n\n"
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -89,10 +97,12 @@ async def _rechunking_server(body_piece: int) -> asyncio.Server:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
                 await reader.readexactly(length)
-                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n"
-                             b"content-type: text/event-stream\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n"
+                    b"content-type: text/event-stream\r\n\r\n"
+                )
                 for at in range(0, len(sse), body_piece):
-                    piece = sse[at:at + body_piece]
+                    piece = sse[at : at + body_piece]
                     writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                     await writer.drain()
                 writer.write(b"0\r\n\r\n")
@@ -108,8 +118,9 @@ async def test_loadgen_counts_events_split_across_chunks(piece: int) -> None:
     server = await _rechunking_server(piece)
     async with server:
         port = server.sockets[0].getsockname()[1]
-        spec = loadgen.LoadSpec(url=f"http://127.0.0.1:{port}", model=MODEL, concurrency=1,
-                                requests=4, events=3)
+        spec = loadgen.LoadSpec(
+            url=f"http://127.0.0.1:{port}", model=MODEL, concurrency=1, requests=4, events=3
+        )
         summary = await loadgen.run_load(spec)
     assert summary["errors"] == 0, summary["first_error"]
     assert summary["events"] == 12
@@ -117,8 +128,13 @@ async def test_loadgen_counts_events_split_across_chunks(piece: int) -> None:
 
 async def test_hold_mode_sees_every_upstream_stream_aborted(fake: fake_vllm.FakeVllm) -> None:
     """K=20 slow streams open, then all clients close: the fake counts 20 aborted streams."""
-    spec = loadgen.LoadSpec(url=fake.url, model=MODEL, events=10**9, interval_ms=1000.0)
-    report = await loadgen.run_hold(spec, streams=20, hold_s=0.0, stats_url=fake.url + "/stats")
+    request = loadgen.LoadSpec(
+        url=fake.url, model=MODEL, events=10**9, interval_ms=1000.0
+    ).request_bytes()
+    spec = hold_streams.HoldSpec(
+        url=fake.url, request=request, streams=20, hold_s=0.0, stats_url=fake.url + "/stats"
+    )
+    report = await hold_streams.run_hold(spec)
     assert report["errors"] == 0, report["first_error"]
     assert report["opened"] == 20
     assert report["upstream_aborted"] == 20
@@ -128,11 +144,14 @@ async def test_hold_mode_sees_every_upstream_stream_aborted(fake: fake_vllm.Fake
 
 async def test_proc_stats_sums_cpu_over_a_process_tree() -> None:
     """A parent that only waits still shows CPU: its busy child is counted in its tree."""
-    parent = ("import subprocess, sys; "
-              "child = subprocess.Popen([sys.executable, '-c', 'while True: pass']); "
-              "print(child.pid, flush=True); child.wait()")
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", parent,
-                                                stdout=asyncio.subprocess.PIPE)
+    parent = (
+        "import subprocess, sys; "
+        "child = subprocess.Popen([sys.executable, '-c', 'while True: pass']); "
+        "print(child.pid, flush=True); child.wait()"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", parent, stdout=asyncio.subprocess.PIPE
+    )
     assert proc.stdout is not None
     child = int(await asyncio.wait_for(proc.stdout.readline(), 20))
     try:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute, Route, Router
 
+from gateway.auth import RequireApiKey
 from gateway.errors import MethodNotAllowed, RouteNotFound, send_json
-from gateway.proxy import PROXIED_PATHS, Proxy
+from gateway.proxy import PROXIED_PATHS, Inflight, Proxy
 from gateway.replicas import Registry
-from gateway.types import Receive, Scope, Send
+from gateway.types import ASGIApp, Receive, Scope, Send
 
 _ALLOW_GET = ((b"allow", b"GET, HEAD"),)
 
@@ -48,14 +49,18 @@ class HealthEndpoint(_GetEndpoint):
 
 
 class ReadyEndpoint(_GetEndpoint):
-    """GET /ready: 200 once at least one model has a healthy replica (readiness)."""
+    """GET /ready: 200 while at least one model has a healthy replica and the gateway is not
+    draining (readiness, for a load balancer or Kubernetes in front)."""
 
-    __slots__ = ("_registry",)
+    __slots__ = ("_registry", "_inflight")
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, inflight: Inflight) -> None:
         self._registry = registry
+        self._inflight = inflight
 
     def answer(self) -> tuple[int, bytes]:
+        if self._inflight.draining:
+            return 503, b'{"status":"draining"}'
         if self._registry.ready():
             return 200, b'{"status":"ready"}'
         return 503, b'{"status":"no model has a healthy replica"}'
@@ -67,13 +72,14 @@ async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
     await RouteNotFound(f"Unknown route: {scope['method']} {scope['path']}.").send_to(send)
 
 
-def build_app(registry: Registry, proxy: Proxy) -> Router:
+def build_app(registry: Registry, proxy: Proxy, *, api_keys: frozenset[str]) -> ASGIApp:
     routes: list[BaseRoute] = [Route(path, proxy) for path in PROXIED_PATHS]
     routes += [
         Route("/v1/models", ModelsEndpoint(registry)),
         Route("/health", HealthEndpoint()),
-        Route("/ready", ReadyEndpoint(registry)),
+        Route("/ready", ReadyEndpoint(registry, proxy.inflight)),
     ]
     # redirect_slashes would answer a POST to "/v1/completions/" with a redirect that
     # clients do not follow for POST; an unknown path is simply unknown.
-    return Router(routes, redirect_slashes=False, default=not_found)
+    router = Router(routes, redirect_slashes=False, default=not_found)
+    return RequireApiKey(router, api_keys) if api_keys else router

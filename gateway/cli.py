@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -45,5 +46,18 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         settings.port,
         len(settings.all_backends),
     )
+    _raise_open_file_limit()
     uvloop.run(serve(settings))
     return 0
+
+
+def _raise_open_file_limit() -> None:
+    # Each open stream holds two sockets (client and backend); the common soft limit of
+    # 1024 would cap the gateway near 500 streams. Raise it to the hard limit, as nginx's
+    # worker_rlimit_nofile does.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            logging.getLogger("gateway").warning("could not raise the open-file limit")

@@ -74,7 +74,42 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
-class UpstreamUnreachable(GatewayError):
+class Unauthorized(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class TooManyRequests(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "too_many_requests"
+
+
+class ShuttingDown(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+
+class UpstreamFailure(GatewayError):
+    """No answer from a backend. `retryable`: safe to try another replica; `stale`: the
+    backend closed a pooled connection without answering (the keep-alive race), so even the
+    same replica may be tried again on a fresh connection."""
+
+    def __init__(self, message: str, *, retryable: bool, stale: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.stale = stale
+
+
+class UpstreamUnreachable(UpstreamFailure):
     status = 502
     type = "server_error"
     code = "backend_unreachable"
@@ -86,7 +121,7 @@ class NoHealthyReplica(GatewayError):
     code = "model_unavailable"
 
 
-class UpstreamTimeout(GatewayError):
+class UpstreamTimeout(UpstreamFailure):
     status = 504
     type = "server_error"
     code = "backend_timeout"

@@ -22,8 +22,9 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Set by the client library for the upstream request from the URL and the body it sends.
-_SET_UPSTREAM = frozenset({b"host", b"content-length", b"expect"})
+# Set by the client library for the upstream request from the URL and the body it sends;
+# the client's credentials are for the gateway, never for the backends.
+_SET_UPSTREAM = frozenset({b"host", b"content-length", b"expect", b"authorization"})
 # Set by hypercorn for the client; the backend's would be duplicates or disclose its server.
 _SET_DOWNSTREAM = frozenset({b"date", b"server"})
 
@@ -42,34 +43,54 @@ def _named_by_connection(headers: Headers) -> frozenset[bytes]:
     return frozenset(names)
 
 
-def request_headers(headers: Headers) -> list[tuple[str, str]]:
-    """The client's end-to-end headers, for the upstream request."""
+def request_headers(headers: Headers, new_request_id: str) -> tuple[list[tuple[str, str]], str]:
+    """The client's end-to-end headers for the upstream request, and the request's id.
+
+    The client's `X-Request-Id` is kept; a request without one gets `new_request_id`, so
+    the gateway's and vLLM's logs can be matched.
+    """
     drop = _DROP_REQUEST
-    if any(name == b"connection" for name, _ in headers):
-        drop = drop | _named_by_connection(headers)
+    content_type = False
+    request_id = ""
+    for name, value in headers:
+        if name == b"connection":
+            drop = drop | _named_by_connection(headers)
+        elif name == b"content-type":
+            content_type = True
+        elif name == b"x-request-id":
+            request_id = value.decode("latin-1")
     forwarded = [
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in headers
         if name not in drop
     ]
-    if not any(name == b"content-type" for name, _ in headers):
+    if not content_type:
         # aiohttp would label raw bytes application/octet-stream, which vLLM's JSON
         # endpoints refuse; we have just parsed the body as JSON, so say so.
         forwarded.append(("content-type", "application/json"))
-    return forwarded
+    if not request_id:
+        request_id = new_request_id
+        forwarded.append(("x-request-id", request_id))
+    return forwarded, request_id
 
 
-def response_headers(raw: tuple[tuple[bytes, bytes], ...]) -> tuple[Headers, bool]:
+def response_headers(raw: tuple[tuple[bytes, bytes], ...], request_id: str) -> tuple[Headers, bool]:
     """The backend's end-to-end headers for the client, and whether the body is an SSE stream."""
     lowered = [(name.lower(), value) for name, value in raw]
     drop = _DROP_RESPONSE
     if any(name == b"connection" for name, _ in lowered):
         drop = drop | _named_by_connection(lowered)
     headers = [(name, value) for name, value in lowered if name not in drop]
-    streaming = any(
-        name == b"content-type" and value.startswith(SSE_TYPE) for name, value in headers
-    )
+    streaming = False
+    has_id = False
+    for name, value in headers:
+        if name == b"content-type":
+            streaming = value.startswith(SSE_TYPE)
+        elif name == b"x-request-id":
+            has_id = True
     if streaming:
         # An nginx in front buffers responses unless told not to; tokens must not wait.
         headers.append(NO_PROXY_BUFFERING)
+    if not has_id:
+        headers.append((b"x-request-id", request_id.encode("latin-1")))
     return headers, streaming

@@ -1,30 +1,26 @@
-"""The proxied routes: read the body, route by its `model`, stream the backend's answer back.
+"""The proxied routes: admit the request, read its body, route it by `model`, hand it on.
 
-The hot path is raw ASGI. The body is parsed once, only to read `model`; the original bytes go
-upstream. Each chunk the backend sends is passed to `send` as it arrives, as the same bytes.
+The body is parsed once, only to read `model`; the original bytes go upstream (exchange.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 
-import aiohttp
 import orjson
-from yarl import URL
 
 from gateway.errors import (
     BadRequest,
     GatewayError,
     MethodNotAllowed,
     PayloadTooLarge,
+    RequestTimeout,
+    ShuttingDown,
+    TooManyRequests,
 )
-from gateway.headers import request_headers, response_headers
-from gateway.replicas import Registry, Replica
+from gateway.exchange import Forwarder
+from gateway.replicas import Registry
 from gateway.types import Receive, Scope, Send
-from gateway.upstream import upstream_errors
-
-log = logging.getLogger("gateway.proxy")
 
 PROXIED_PATHS = (
     "/v1/chat/completions",
@@ -55,7 +51,47 @@ class BodyRefused(Exception):
         self.error = error
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+class Inflight:
+    """Requests being forwarded now, the cap on them, and whether the gateway is draining."""
+
+    __slots__ = ("count", "limit", "draining", "_idle")
+
+    def __init__(self, limit: int = 0) -> None:
+        self.count = 0
+        self.limit = limit
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def admit(self) -> None:
+        """Count a request in, or raise the error that refuses it."""
+        if self.draining:
+            raise ShuttingDown(
+                "The gateway is shutting down; retry on another instance.",
+                headers=((b"retry-after", b"1"), (b"connection", b"close")),
+            )
+        if self.limit and self.count >= self.limit:
+            raise TooManyRequests(
+                f"The gateway is at its limit of {self.limit} concurrent requests.",
+                headers=((b"retry-after", b"1"),),
+            )
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def __repr__(self) -> str:
+        draining = " | draining" if self.draining else ""
+        return f"<Inflight [{self.count} requests{draining}]>"
+
+
+async def read_body(scope: Scope, receive: Receive, *, limit: int, timeout_s: float) -> bytes:
     """The whole request body, refusing more than `limit` bytes without reading on."""
     for name, value in scope["headers"]:
         if name == b"content-length":
@@ -68,21 +104,39 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             if declared > limit:
                 raise BodyRefused(_too_large(limit))
             break
-    chunks: list[bytes] = []
-    size = 0
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGone
+    if not message.get("more_body", False):
+        # The usual case: the whole body in one message, no timer needed.
+        body: bytes = message.get("body", b"")
+        if len(body) > limit:
+            raise BodyRefused(_too_large(limit))
+        return body
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_rest(receive, message.get("body", b""), limit)
+    except TimeoutError:
+        raise BodyRefused(
+            RequestTimeout(f"The request body did not arrive within {timeout_s:g} seconds.")
+        ) from None
+
+
+async def _read_rest(receive: Receive, first: bytes, limit: int) -> bytes:
+    chunks = [first]
+    size = len(first)
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                # Chunked uploads carry no length up front; stop at the limit, not the end.
-                raise BodyRefused(_too_large(limit))
-            chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            # Chunked uploads carry no length up front; stop at the limit, not the end.
+            raise BodyRefused(_too_large(limit))
+        chunks.append(chunk)
         if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return b"".join(chunks)
 
 
 async def _discard_body(receive: Receive) -> None:
@@ -120,81 +174,25 @@ def model_of(body: bytes) -> str:
     return model
 
 
-class _DisconnectWatch:
-    """Watches `receive()` beside the response and cancels the request's task if the client goes.
-
-    Under hypercorn a departed client shows only as an `http.disconnect` from `receive()`
-    (sends after it are silently dropped), so without this a stream to nobody would keep
-    vLLM generating until the end.
-    """
-
-    __slots__ = ("gone", "done", "_task", "_watcher")
-
-    def __init__(self, receive: Receive) -> None:
-        self.gone = False
-        self.done = False
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
-
-    async def _watch(self, receive: Receive) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-        # Hypercorn also reports a disconnect once the response is complete: not a departure.
-        if not self.done:
-            self.gone = True
-            self._task.cancel()
-
-    def finish(self) -> None:
-        """The response is complete from here on; no disconnect may cancel it."""
-        self.done = True
-
-    def stop(self) -> None:
-        self.done = True
-        self._watcher.cancel()
-
-
-class Inflight:
-    """How many requests are being forwarded now; `wait_idle` returns when none is."""
-
-    __slots__ = ("count", "_idle")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def enter(self) -> None:
-        self.count += 1
-        self._idle.clear()
-
-    def leave(self) -> None:
-        self.count -= 1
-        if self.count == 0:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
-
-    def __repr__(self) -> str:
-        return f"<Inflight [{self.count} requests]>"
-
-
 class Proxy:
     """The ASGI app behind every proxied route."""
 
-    __slots__ = ("_registry", "_session", "_max_body_bytes", "inflight")
+    __slots__ = ("_registry", "_forwarder", "_max_body_bytes", "_body_timeout_s", "inflight")
 
     def __init__(
-        self, registry: Registry, session: aiohttp.ClientSession, *, max_body_bytes: int
+        self,
+        registry: Registry,
+        forwarder: Forwarder,
+        *,
+        inflight: Inflight,
+        max_body_bytes: int,
+        body_timeout_s: float,
     ) -> None:
         self._registry = registry
-        self._session = session
+        self._forwarder = forwarder
         self._max_body_bytes = max_body_bytes
-        self.inflight = Inflight()
+        self._body_timeout_s = body_timeout_s
+        self.inflight = inflight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "POST":
@@ -202,8 +200,11 @@ class Proxy:
             await error.send_to(send)
             return
         try:
-            body = await read_body(scope, receive, self._max_body_bytes)
-            replica = self._registry.pick(model_of(body))
+            body = await read_body(
+                scope, receive, limit=self._max_body_bytes, timeout_s=self._body_timeout_s
+            )
+            model = model_of(body)
+            self.inflight.admit()
         except ClientGone:
             return
         except BodyRefused as refused:
@@ -213,64 +214,12 @@ class Proxy:
         except GatewayError as error:
             await error.send_to(send)
             return
-        self.inflight.enter()
-        try:
-            await self._forward(scope, receive, send, replica, body)
-        finally:
-            self.inflight.leave()
-
-    async def _forward(
-        self, scope: Scope, receive: Receive, send: Send, replica: Replica, body: bytes
-    ) -> None:
-        url = replica.url(scope["path"])
-        if scope["query_string"]:
-            url = URL(f"{url}?{scope['query_string'].decode('latin-1')}", encoded=True)
-        watch = _DisconnectWatch(receive)
-        response: aiohttp.ClientResponse | None = None
         try:
             try:
-                with upstream_errors():
-                    response = await self._session.post(
-                        url, data=body, headers=request_headers(scope["headers"])
-                    )
+                replica = self._registry.pick(model)
             except GatewayError as error:
-                log.warning("%s %s: %r", replica.backend.url, scope["path"], error.__context__)
-                watch.finish()
                 await error.send_to(send)
                 return
-            await self._relay(response, send, watch, replica)
-        except asyncio.CancelledError:
-            if not watch.gone:
-                raise
-            # The client left. Closing the upstream connection is what makes vLLM abort the
-            # generation; aiohttp has already closed it if the response had not started.
-            if response is not None:
-                response.close()
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            log.debug("client left %s; closed the upstream request", scope["path"])
+            await self._forwarder.forward(scope, receive, send, model, replica, body)
         finally:
-            watch.stop()
-            if response is not None:
-                # Closes the connection unless the body was read to the end, when it goes
-                # back to the pool.
-                response.release()
-
-    @staticmethod
-    async def _relay(
-        response: aiohttp.ClientResponse, send: Send, watch: _DisconnectWatch, replica: Replica
-    ) -> None:
-        headers, _ = response_headers(response.raw_headers)
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        content = response.content
-        try:
-            while chunk := await content.readany():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            # The backend died or went silent mid-response. Returning without the final
-            # message makes the server end the response abnormally, so the client sees a
-            # truncated body, never a clean end it could take for a complete answer.
-            log.warning("%s broke off a response: %r", replica.backend.url, exc)
-            response.close()
-            return
-        watch.finish()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            self.inflight.leave()

@@ -7,10 +7,11 @@ needed. The health checker writes (`record_pass`, `record_fail`); requests read 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from typing import Any
 
 import orjson
+from yarl import URL
 
 from gateway.backends import Backend
 from gateway.errors import ModelNotFound, NoHealthyReplica
@@ -21,35 +22,60 @@ ModelCard = dict[str, Any]
 class Replica:
     """One backend server, its health and the models it serves."""
 
-    __slots__ = ("backend", "healthy", "ever_up", "passes", "fails", "cards", "pinned", "_urls")
+    __slots__ = (
+        "backend",
+        "healthy",
+        "ever_up",
+        "passes",
+        "fails",
+        "strikes",
+        "ejections",
+        "ejected_until",
+        "probing",
+        "cards",
+        "pinned",
+        "_urls",
+    )
 
     def __init__(self, backend: Backend, *, pinned: Iterable[str] = ()) -> None:
         self.backend = backend
+        # Active checks: routable only while `healthy`.
         self.healthy = False
         self.ever_up = False
         self.passes = 0
         self.fails = 0
+        # Passive checks, from real traffic: consecutive failed requests, times ejected, and
+        # until when (time.monotonic()); 0.0 when not ejected.
+        self.strikes = 0
+        self.ejections = 0
+        self.ejected_until = 0.0
+        self.probing = False
         # Discovered from the server's /v1/models: id -> the server's own model card.
         self.cards: dict[str, ModelCard] = {}
         self.pinned = frozenset(pinned)
-        self._urls: dict[str, Any] = {}
+        self._urls: dict[str, URL] = {}
 
     def serves(self, model: str) -> bool:
         return model in self.cards or model in self.pinned
 
-    def url(self, path: str) -> Any:
+    def url(self, path: str) -> URL:
         """The upstream URL for a route path, built once per replica and path."""
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = self.backend.endpoint(path)
         return url
 
+    def url_with_query(self, path: str, query: bytes) -> URL:
+        return URL(f"{self.backend.url}{path}?{query.decode('latin-1')}", encoded=True)
+
     def __repr__(self) -> str:
         state = "up" if self.healthy else "down"
+        if self.ejected_until:
+            state += ", ejected"
         models = ",".join(sorted(self.cards.keys() | self.pinned))
         return (
-            f"<Replica {self.backend.url} [{state} | passes {self.passes}, fails {self.fails}"
-            f" | models {models or '-'}]>"
+            f"<Replica {self.backend.url} [{state} | passes {self.passes}, fails {self.fails},"
+            f" strikes {self.strikes} | models {models or '-'}]>"
         )
 
 
@@ -63,16 +89,27 @@ class ModelRoute:
         self.replicas = replicas
         self._next = start
 
-    def pick(self) -> Replica | None:
-        """The next healthy replica in turn, or None when every one is down."""
+    def pick(self, exclude: Container[Replica] = ()) -> Replica | None:
+        """The next available replica in turn, or None when none is.
+
+        An ejected replica is skipped until its backoff ends; then one request at a time goes
+        to it as a probe, and the outcome of that request readmits or re-ejects it.
+        """
         replicas = self.replicas
         count = len(replicas)
+        now = 0.0
         for offset in range(count):
             index = (self._next + offset) % count
             replica = replicas[index]
-            if replica.healthy:
-                self._next = index + 1
-                return replica
+            if not replica.healthy or replica in exclude:
+                continue
+            if replica.ejected_until:
+                now = now or time.monotonic()
+                if now < replica.ejected_until or replica.probing:
+                    continue
+                replica.probing = True
+            self._next = index + 1
+            return replica
         return None
 
     def __repr__(self) -> str:
@@ -87,6 +124,9 @@ class Registry:
         "replicas",
         "_fall",
         "_rise",
+        "_eject_after",
+        "_eject_base_s",
+        "_eject_max_s",
         "_retry_after",
         "_routes",
         "_models_body",
@@ -101,6 +141,9 @@ class Registry:
         fall: int,
         rise: int,
         retry_after_s: int,
+        eject_after: int = 5,
+        eject_base_s: float = 30.0,
+        eject_max_s: float = 300.0,
     ) -> None:
         pins: dict[str, set[str]] = {}
         for model, model_backends in pinned.items():
@@ -115,6 +158,9 @@ class Registry:
         )
         self._fall = fall
         self._rise = rise
+        self._eject_after = eject_after
+        self._eject_base_s = eject_base_s
+        self._eject_max_s = eject_max_s
         self._retry_after = ((b"retry-after", str(retry_after_s).encode()),)
         self._created = int(time.time())
         self._routes: dict[str, ModelRoute] = {}
@@ -141,7 +187,37 @@ class Registry:
             )
         return replica
 
+    def pick_another(self, model: str, tried: Container[Replica]) -> Replica | None:
+        """A replica of `model` not yet tried for this request, for a retry."""
+        route = self._routes.get(model)
+        return None if route is None else route.pick(exclude=tried)
+
+    def record_success(self, replica: Replica) -> None:
+        """A request got an answer that was not a 5xx: the replica works."""
+        replica.strikes = 0
+        if replica.probing or replica.ejected_until:
+            replica.probing = False
+            replica.ejected_until = 0.0
+
+    def record_failure(self, replica: Replica) -> None:
+        """A request failed to connect, was reset, or got a 5xx. Enough in a row eject it.
+
+        The backoff grows with each ejection (as Envoy's outlier detection does), so a
+        replica that keeps failing is tried less and less often.
+        """
+        replica.strikes += 1
+        if replica.probing or replica.strikes >= self._eject_after:
+            replica.probing = False
+            replica.strikes = 0
+            replica.ejections += 1
+            backoff = min(self._eject_base_s * replica.ejections, self._eject_max_s)
+            replica.ejected_until = time.monotonic() + backoff
+
     def record_pass(self, replica: Replica, cards: list[ModelCard]) -> None:
+        if replica.ejected_until and time.monotonic() >= replica.ejected_until:
+            # Backoff over and the server answers its checks: back into rotation.
+            replica.ejected_until = 0.0
+            replica.probing = False
         replica.fails = 0
         replica.passes += 1
         was = (replica.healthy, replica.cards)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,21 +12,24 @@ from dataclasses import dataclass
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
-from starlette.routing import Router
 
 from gateway.app import build_app
+from gateway.exchange import Forwarder
 from gateway.health import HealthChecker
-from gateway.proxy import Proxy
+from gateway.proxy import Inflight, Proxy
 from gateway.replicas import Registry
 from gateway.settings import Settings
+from gateway.types import ASGIApp
 from gateway.upstream import create_session
+
+log = logging.getLogger("gateway.server")
 
 
 @dataclass(frozen=True)
 class Gateway:
     """The running gateway's parts, for the server and for tests that watch its state."""
 
-    app: Router
+    app: ASGIApp
     registry: Registry
     health: HealthChecker
     proxy: Proxy
@@ -40,8 +44,14 @@ async def running(settings: Settings) -> AsyncIterator[Gateway]:
     """
     session = create_session(
         connect_timeout_s=settings.connect_timeout_s,
-        read_timeout_s=settings.read_timeout_s,
         keepalive_s=settings.upstream_keepalive_s,
+        backend_api_key=settings.backend_api_key,
+    )
+    fresh_session = create_session(
+        connect_timeout_s=settings.connect_timeout_s,
+        keepalive_s=settings.upstream_keepalive_s,
+        backend_api_key=settings.backend_api_key,
+        fresh_connections=True,
     )
     registry = Registry(
         settings.backends,
@@ -49,6 +59,9 @@ async def running(settings: Settings) -> AsyncIterator[Gateway]:
         fall=settings.health_fall,
         rise=settings.health_rise,
         retry_after_s=max(1, math.ceil(settings.health_interval_s)),
+        eject_after=settings.eject_failures,
+        eject_base_s=settings.eject_base_s,
+        eject_max_s=settings.eject_max_s,
     )
     health = HealthChecker(
         registry,
@@ -56,10 +69,25 @@ async def running(settings: Settings) -> AsyncIterator[Gateway]:
         interval_s=settings.health_interval_s,
         timeout_s=settings.health_timeout_s,
     )
-    proxy = Proxy(registry, session, max_body_bytes=settings.max_body_bytes)
+    forwarder = Forwarder(
+        registry,
+        session,
+        fresh_session=fresh_session,
+        retries=settings.retries,
+        headers_timeout_s=settings.headers_timeout_s,
+        idle_timeout_s=settings.idle_timeout_s,
+    )
+    proxy = Proxy(
+        registry,
+        forwarder,
+        inflight=Inflight(settings.max_concurrency),
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+    )
     checks = asyncio.get_running_loop().create_task(health.run(), name="health-checks")
     try:
-        yield Gateway(app=build_app(registry, proxy), registry=registry, health=health, proxy=proxy)
+        app = build_app(registry, proxy, api_keys=settings.api_keys)
+        yield Gateway(app=app, registry=registry, health=health, proxy=proxy)
     finally:
         checks.cancel()
         try:
@@ -67,6 +95,7 @@ async def running(settings: Settings) -> AsyncIterator[Gateway]:
         except asyncio.CancelledError:
             pass
         await session.close()
+        await fresh_session.close()
 
 
 def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
@@ -78,25 +107,47 @@ def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
     config.loglevel = settings.log_level.upper()
     # The backend's headers are what the client sees; hypercorn's banner is not one of them.
     config.include_server_header = False
+    # Streams have had their drain (see `serve_gateway`) before hypercorn's grace begins.
+    config.graceful_timeout = 1.0
     return config
 
 
-async def serve(
+async def serve_gateway(
+    gateway: Gateway,
     settings: Settings,
     *,
+    shutdown_trigger: Callable[[], Awaitable[object]],
     bind: str | None = None,
-    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
 ) -> None:
-    """Serve until `shutdown_trigger` returns (by default: SIGINT or SIGTERM)."""
-    if shutdown_trigger is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        shutdown_trigger = stop.wait
+    """Serve a running gateway until `shutdown_trigger` returns, then drain.
+
+    Draining: /ready turns 503 and new requests get 503 at once, while the requests in
+    flight get up to `drain_timeout_s` to finish. Only then does hypercorn stop, with a
+    short grace of its own: its default 3 s would cut long generations off.
+    """
+
+    async def drain_then_stop() -> None:
+        await shutdown_trigger()
+        inflight = gateway.proxy.inflight
+        inflight.draining = True
+        log.info("draining: %d requests in flight", inflight.count)
+        try:
+            await asyncio.wait_for(inflight.wait_idle(), settings.drain_timeout_s)
+        except TimeoutError:
+            log.warning("drain timeout: cutting %d requests off", inflight.count)
+
+    await hypercorn_serve(
+        gateway.app,  # type: ignore[arg-type]
+        hypercorn_config(settings, bind=bind),
+        shutdown_trigger=drain_then_stop,
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """Serve until SIGINT or SIGTERM, then drain."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     async with running(settings) as gateway:
-        await hypercorn_serve(
-            gateway.app,  # type: ignore[arg-type]
-            hypercorn_config(settings, bind=bind),
-            shutdown_trigger=shutdown_trigger,
-        )
+        await serve_gateway(gateway, settings, shutdown_trigger=stop.wait)

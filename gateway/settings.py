@@ -86,10 +86,65 @@ VARIABLES: tuple[Variable, ...] = (
         "Seconds to open a TCP connection to a backend; past it the request fails with 504.",
     ),
     Variable(
-        "GATEWAY_READ_TIMEOUT_S",
+        "GATEWAY_HEADERS_TIMEOUT_S",
         "600",
-        "Longest silence from a backend, waiting for the response headers or between two chunks. "
-        "A non-streaming request is silent for its whole generation. There is no total timeout.",
+        "Seconds a backend may take to send its response headers, across all retries. "
+        "vLLM sends a stream's headers at once but a non-streaming answer's only when the "
+        "whole generation is done: raise this for long non-streaming generations.",
+    ),
+    Variable(
+        "GATEWAY_IDLE_TIMEOUT_S",
+        "300",
+        "Longest silence between two chunks of a response once its headers are in (a long "
+        "prefill before the first token counts). There is no total timeout.",
+    ),
+    Variable(
+        "GATEWAY_BODY_TIMEOUT_S",
+        "30",
+        "Seconds a client may take to send its request body; past it, 408.",
+    ),
+    Variable(
+        "GATEWAY_RETRIES",
+        "2",
+        "Retries of a request on another replica, only before anything was sent to the "
+        "client: on connection refused or reset, connect timeout, a pooled connection closed "
+        "by the backend, or a 502/503/504 answer. Never on a 4xx, never mid-stream.",
+    ),
+    Variable(
+        "GATEWAY_EJECT_FAILURES",
+        "5",
+        "Consecutive failed requests (connect errors, resets, 5xx) that eject a replica "
+        "from rotation before its health checks notice.",
+    ),
+    Variable(
+        "GATEWAY_EJECT_BASE_S",
+        "30",
+        "Seconds of the first ejection; each further ejection of the same replica lasts this "
+        "much longer. Afterwards one request probes it.",
+    ),
+    Variable("GATEWAY_EJECT_MAX_S", "300", "Longest ejection, in seconds."),
+    Variable(
+        "GATEWAY_MAX_CONCURRENCY",
+        "0",
+        "Requests forwarded at once by this gateway; past it, 429 at once. 0: no cap.",
+    ),
+    Variable(
+        "GATEWAY_DRAIN_TIMEOUT_S",
+        "30",
+        "On SIGTERM: /ready turns 503 and new requests get 503 at once, and streams in "
+        "flight get this many seconds to finish before the gateway exits.",
+    ),
+    Variable(
+        "GATEWAY_API_KEYS",
+        "",
+        "Keys clients must send as 'Authorization: Bearer KEY' on every route but /health and "
+        "/ready: comma-separated, or the path of a file with one key a line. Unset: no auth.",
+    ),
+    Variable(
+        "GATEWAY_BACKEND_API_KEY",
+        "",
+        "Key sent to the vLLM servers (started with --api-key). The client's own "
+        "Authorization header is never forwarded.",
     ),
     Variable(
         "GATEWAY_UPSTREAM_KEEPALIVE_S",
@@ -101,6 +156,8 @@ VARIABLES: tuple[Variable, ...] = (
 )
 
 _KNOWN = frozenset(variable.name for variable in VARIABLES)
+# Never echoed back in an error message: it would land in the logs.
+_SECRET = frozenset({"GATEWAY_API_KEYS", "GATEWAY_BACKEND_API_KEY"})
 
 
 @dataclass(frozen=True)
@@ -115,7 +172,17 @@ class Settings:
     health_rise: int = 2
     max_body_bytes: int = 32 * MIB
     connect_timeout_s: float = 5.0
-    read_timeout_s: float = 600.0
+    headers_timeout_s: float = 600.0
+    idle_timeout_s: float = 300.0
+    body_timeout_s: float = 30.0
+    retries: int = 2
+    eject_failures: int = 5
+    eject_base_s: float = 30.0
+    eject_max_s: float = 300.0
+    max_concurrency: int = 0
+    drain_timeout_s: float = 30.0
+    api_keys: frozenset[str] = frozenset()
+    backend_api_key: str = ""
     upstream_keepalive_s: float = 4.0
     log_level: str = "info"
 
@@ -142,7 +209,8 @@ class Settings:
             try:
                 return parse(raw)
             except (ValueError, BackendError) as exc:
-                problems.append(f"{name}={raw!r}: {exc}")
+                shown = name if name in _SECRET else f"{name}={raw!r}"
+                problems.append(f"{shown}: {exc}")
                 return None
 
         backends = cast("GATEWAY_BACKENDS", parse_backend_list)
@@ -163,7 +231,17 @@ class Settings:
             "health_rise": cast("GATEWAY_HEALTH_RISE", _positive_int),
             "max_body_bytes": cast("GATEWAY_MAX_BODY_BYTES", _positive_int),
             "connect_timeout_s": cast("GATEWAY_CONNECT_TIMEOUT_S", _positive_seconds),
-            "read_timeout_s": cast("GATEWAY_READ_TIMEOUT_S", _positive_seconds),
+            "headers_timeout_s": cast("GATEWAY_HEADERS_TIMEOUT_S", _positive_seconds),
+            "idle_timeout_s": cast("GATEWAY_IDLE_TIMEOUT_S", _positive_seconds),
+            "body_timeout_s": cast("GATEWAY_BODY_TIMEOUT_S", _positive_seconds),
+            "retries": cast("GATEWAY_RETRIES", _whole),
+            "eject_failures": cast("GATEWAY_EJECT_FAILURES", _positive_int),
+            "eject_base_s": cast("GATEWAY_EJECT_BASE_S", _positive_seconds),
+            "eject_max_s": cast("GATEWAY_EJECT_MAX_S", _positive_seconds),
+            "max_concurrency": cast("GATEWAY_MAX_CONCURRENCY", _whole),
+            "drain_timeout_s": cast("GATEWAY_DRAIN_TIMEOUT_S", _positive_seconds),
+            "api_keys": cast("GATEWAY_API_KEYS", _api_keys),
+            "backend_api_key": cast("GATEWAY_BACKEND_API_KEY", _header_value),
             "upstream_keepalive_s": cast("GATEWAY_UPSTREAM_KEEPALIVE_S", _positive_seconds),
             "log_level": cast("GATEWAY_LOG_LEVEL", _log_level),
         }
@@ -200,6 +278,42 @@ def _port(raw: str) -> int:
     if port > 65535:
         raise ValueError("must be a port number, 1 to 65535")
     return port
+
+
+def _whole(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _header_value(raw: str) -> str:
+    if any(ord(char) < 0x21 or ord(char) > 0x7E for char in raw):
+        raise ValueError("must be printable ASCII without spaces")
+    return raw
+
+
+def _api_keys(raw: str) -> frozenset[str]:
+    if not raw:
+        return frozenset()
+    if "/" in raw and "," not in raw:
+        # A path: one key a line, as a mounted Kubernetes or Docker secret would be.
+        try:
+            with open(raw, encoding="utf-8") as file:
+                lines = file.read().splitlines()
+        except OSError as exc:
+            raise ValueError(f"cannot read the key file ({exc.strerror})") from None
+        keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        if not keys:
+            raise ValueError("the key file holds no key")
+    else:
+        keys = [key.strip() for key in raw.split(",") if key.strip()]
+    for key in keys:
+        _header_value(key)
+    return frozenset(keys)
 
 
 def _positive_int(raw: str) -> int:

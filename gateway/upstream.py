@@ -11,30 +11,42 @@ from gateway.errors import UpstreamTimeout, UpstreamUnreachable
 
 
 def create_session(
-    *, connect_timeout_s: float, read_timeout_s: float, keepalive_s: float
+    *,
+    connect_timeout_s: float,
+    keepalive_s: float,
+    backend_api_key: str = "",
+    fresh_connections: bool = False,
 ) -> aiohttp.ClientSession:
-    """One session for every upstream request and health check; call on the running loop."""
+    """A session for upstream requests and health checks; call on the running loop.
+
+    The gateway keeps one pooled session for everything, and one with `fresh_connections`
+    for the retry after a pooled connection turned out closed: when one idle connection has
+    gone stale, its idle siblings usually have too, so that retry must not take another.
+    """
     connector = aiohttp.TCPConnector(
         # No pool cap: every open stream holds one connection, and a cap would queue
         # new requests behind long generations.
         limit=0,
         limit_per_host=0,
-        keepalive_timeout=keepalive_s,
+        force_close=fresh_connections,
+        keepalive_timeout=None if fresh_connections else keepalive_s,
         ttl_dns_cache=10,
     )
+    # The client's own Authorization header is never forwarded (see headers.py); this is
+    # the only credential the backends see, on requests and health checks alike.
+    headers = {"Authorization": f"Bearer {backend_api_key}"} if backend_api_key else None
     return aiohttp.ClientSession(
         connector=connector,
+        headers=headers,
         # Bytes pass through as the backend sent them, compressed or not.
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         # Only what the client sent goes upstream; aiohttp would add its own defaults.
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-        # No total: a generation may stream for many minutes. sock_read bounds each silence.
+        # Only the connect timeout is aiohttp's. Waiting for headers and silence between
+        # chunks are timed by the request's guard (guard.py); there is no total timeout.
         timeout=aiohttp.ClientTimeout(
-            total=None,
-            connect=None,
-            sock_connect=connect_timeout_s,
-            sock_read=read_timeout_s,
+            total=None, connect=None, sock_connect=connect_timeout_s, sock_read=None
         ),
         raise_for_status=False,
     )
@@ -48,8 +60,27 @@ def upstream_errors() -> Iterator[None]:
     """
     try:
         yield
+    except aiohttp.ServerDisconnectedError:
+        # Typically the keep-alive race: the backend closed an idle pooled connection just
+        # as we sent on it. Nothing was processed; a fresh connection may well succeed.
+        raise UpstreamUnreachable(
+            "The model server closed the connection without answering.",
+            retryable=True,
+            stale=True,
+        ) from None
+    except aiohttp.ConnectionTimeoutError:
+        raise UpstreamTimeout(
+            "The model server did not accept a connection in time.", retryable=True
+        ) from None
+    except (aiohttp.ClientConnectorError, aiohttp.ClientOSError, ConnectionError):
+        # Refused, reset or unreachable before any answer.
+        raise UpstreamUnreachable(
+            "The model server could not be reached.", retryable=True
+        ) from None
     except TimeoutError:
-        # aiohttp's connect and read timeouts both derive from TimeoutError.
-        raise UpstreamTimeout("The model server did not answer in time.") from None
+        raise UpstreamTimeout("The model server did not answer in time.", retryable=False) from None
     except (aiohttp.ClientError, OSError):
-        raise UpstreamUnreachable("The model server could not be reached.") from None
+        # A malformed answer: the server spoke, so the request may have run. No retry.
+        raise UpstreamUnreachable(
+            "The model server sent an invalid answer.", retryable=False
+        ) from None

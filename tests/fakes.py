@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 _POST_PATHS = (
     "/v1/chat/completions",
@@ -68,7 +69,7 @@ class Seen:
     """One request as the fake received it."""
 
     path: str
-    headers: dict[str, str]
+    headers: CIMultiDict[str]
     body: bytes
     query: str = ""
 
@@ -92,6 +93,17 @@ class FakeVllm:
     # Answer every POST with this status and body instead (e.g. vLLM's own 400).
     status: int = 200
     error_body: bytes | None = None
+    # Pacing of a stream: a wait before the first chunk (a long prefill) and between chunks.
+    first_delay_s: float = 0.0
+    interval_s: float = 0.0
+    # Reset the connection after writing this many chunks, as a crashed server would.
+    die_after: int | None = None
+    # Close, unanswered, any request that arrives on a reused keep-alive connection: the
+    # keep-alive race, where the server closed an idle connection as the client reused it.
+    drop_reused: bool = False
+    dropped: int = 0
+    # As `vllm serve --api-key`: /v1/* needs this bearer key (/health does not).
+    required_key: str | None = None
     seen: list[Seen] = field(default_factory=list)
     aborted: asyncio.Event = field(default_factory=asyncio.Event)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
@@ -99,6 +111,7 @@ class FakeVllm:
     port: int = 0
     _runner: web.AppRunner | None = None
     _transports: set[asyncio.BaseTransport] = field(default_factory=set)
+    _served_on: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -138,24 +151,45 @@ class FakeVllm:
             await self._runner.cleanup()
             self._runner = None
 
+    def _count_on_connection(self, request: web.Request) -> int:
+        connection = id(request.protocol)
+        self._served_on[connection] = self._served_on.get(connection, 0) + 1
+        return self._served_on[connection]
+
     async def _health(self, request: web.Request) -> web.Response:
+        self._count_on_connection(request)
         self.health_checks += 1
         if self.health_gate is not None:
             await self.health_gate.wait()
         return web.Response(status=self.health_status)
 
+    def _refuses(self, request: web.Request) -> bool:
+        if self.required_key is None:
+            return False
+        return request.headers.get("Authorization") != f"Bearer {self.required_key}"
+
     async def _models(self, request: web.Request) -> web.Response:
+        self._count_on_connection(request)
+        if self._refuses(request):
+            return web.Response(status=401, body=b'{"error": "Unauthorized"}')
         body = orjson.dumps({"object": "list", "data": self.models})
         return web.Response(status=self.models_status, body=body, content_type="application/json")
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
+        if self._refuses(request):
+            return web.Response(status=401, body=b'{"error": "Unauthorized"}')
         body = await request.read()
         self.seen.append(
-            Seen(request.path, dict(request.headers), body, request.rel_url.raw_query_string)
+            Seen(request.path, CIMultiDict(request.headers), body, request.rel_url.raw_query_string)
         )
         self.arrived.set()
-        if request.transport is not None:
-            self._transports.add(request.transport)
+        transport = request.transport
+        assert transport is not None
+        if self._count_on_connection(request) > 1 and self.drop_reused:
+            self.dropped += 1
+            transport.close()
+            raise ConnectionResetError("dropped a reused connection")
+        self._transports.add(transport)
         try:
             return await self._answer(request, body)
         except (asyncio.CancelledError, ConnectionResetError):
@@ -185,8 +219,16 @@ class FakeVllm:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         response.headers["X-Served-By"] = self.name
         await response.prepare(request)
+        if self.first_delay_s:
+            await asyncio.sleep(self.first_delay_s)
         for index, chunk in enumerate(self.stream_chunks()):
+            if index and self.interval_s:
+                await asyncio.sleep(self.interval_s)
             await response.write(chunk)
+            if self.die_after is not None and index + 1 >= self.die_after:
+                assert request.transport is not None
+                request.transport.abort()
+                raise ConnectionResetError("died mid-stream")
             if index == 0 and self.gate is not None:
                 await self.gate.wait()
         await response.write_eof()

@@ -29,7 +29,7 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
 def test_help_lists_the_variables() -> None:
     result = run_cli("--help", env={})
     assert result.returncode == 0
-    assert "GATEWAY_BACKENDS" in result.stdout and "GATEWAY_READ_TIMEOUT_S" in result.stdout
+    assert "GATEWAY_BACKENDS" in result.stdout and "GATEWAY_IDLE_TIMEOUT_S" in result.stdout
 
 
 def test_bad_configuration_stops_startup_naming_every_bad_variable() -> None:
@@ -41,10 +41,11 @@ def test_bad_configuration_stops_startup_naming_every_bad_variable() -> None:
     assert "Traceback" not in result.stderr
 
 
-async def test_the_command_serves_and_stops_cleanly_on_sigterm(
+async def test_the_command_serves_and_drains_streams_on_sigterm(
     start_fake: StartFake, client: aiohttp.ClientSession
 ) -> None:
-    alpha = await start_fake("alpha")
+    gate = asyncio.Event()
+    alpha = await start_fake("alpha", gate=gate)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -60,10 +61,9 @@ async def test_the_command_serves_and_stops_cleanly_on_sigterm(
             "GATEWAY_PORT": str(port),
             "GATEWAY_HEALTH_INTERVAL_S": "0.05",
         },
-        stderr=asyncio.subprocess.PIPE,
     )
+    url = f"http://127.0.0.1:{port}"
     try:
-        url = f"http://127.0.0.1:{port}"
         # Readiness is the event to wait for: the first passed health check of the backend.
         while True:
             try:
@@ -74,9 +74,22 @@ async def test_the_command_serves_and_stops_cleanly_on_sigterm(
                 pass
             assert process.returncode is None
             await asyncio.sleep(0.05)
-        async with client.post(url + CHAT, data=chat("alpha", stream=True)) as response:
-            assert response.status == 200
-            assert (await response.read()).endswith(b"data: [DONE]\n\n")
-    finally:
-        process.send_signal(signal.SIGTERM)
+        async with client.post(url + CHAT, data=chat("alpha", stream=True)) as stream:
+            assert stream.status == 200
+            first = await stream.content.readany()
+            process.send_signal(signal.SIGTERM)
+            async with aiohttp.ClientSession() as fresh:
+                while True:
+                    async with fresh.get(url + "/ready") as response:
+                        if response.status == 503:
+                            break
+                    await asyncio.sleep(0.02)
+            assert process.returncode is None, "the open stream holds the exit back"
+            gate.set()
+            rest = await stream.content.read()
+        assert (first + rest).endswith(b"data: [DONE]\n\n")
         assert await asyncio.wait_for(process.wait(), 20) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -273,12 +273,12 @@ async def test_unreachable_backend_is_502_without_its_address(
     assert str(port).encode() not in body and b"127.0.0.1" not in body
 
 
-async def test_backend_silent_past_the_read_timeout_is_504_without_its_address(
+async def test_backend_silent_past_the_headers_timeout_is_504_without_its_address(
     start_fake: StartFake, start_gateway: StartGateway, client: aiohttp.ClientSession
 ) -> None:
     never = asyncio.Event()
     alpha = await start_fake("alpha", hold_headers=never)
-    gateway = await start_gateway(alpha, GATEWAY_READ_TIMEOUT_S="0.2")
+    gateway = await start_gateway(alpha, GATEWAY_HEADERS_TIMEOUT_S="0.2")
     async with client.post(gateway.url + CHAT, data=chat("alpha")) as response:
         assert response.status == 504
         body = await response.read()
@@ -366,7 +366,7 @@ async def test_hop_by_hop_headers_are_dropped_and_end_to_end_headers_pass(
         "Keep-Alive": "timeout=5",
         "Proxy-Authorization": "Basic abc",
         "X-Request-Id": "req-123",
-        "Authorization": "Bearer backend-key",
+        "Authorization": "Bearer client-key",
         "Content-Type": "application/json",
     }
     async with client.post(
@@ -378,7 +378,7 @@ async def test_hop_by_hop_headers_are_dropped_and_end_to_end_headers_pass(
         await response.read()
     seen = {name.lower(): value for name, value in alpha.seen[0].headers.items()}
     assert seen["x-request-id"] == "req-123"
-    assert seen["authorization"] == "Bearer backend-key"
+    assert "authorization" not in seen
     assert seen["content-type"] == "application/json"
     for dropped in ("x-conn-only", "keep-alive", "proxy-authorization"):
         assert dropped not in seen
@@ -393,3 +393,45 @@ async def test_query_string_is_forwarded(
     async with client.post(gateway.url + CHAT + "?trace=1&x=a%20b", data=chat("alpha")) as response:
         assert response.status == 200
     assert alpha.seen[0].query == "trace=1&x=a%20b"
+
+
+async def test_request_without_an_id_gets_one_that_the_backend_and_client_share(
+    start_fake: StartFake, start_gateway: StartGateway, client: aiohttp.ClientSession
+) -> None:
+    alpha = await start_fake("alpha")
+    gateway = await start_gateway(alpha)
+    ids = []
+    for _ in range(2):
+        async with client.post(gateway.url + CHAT, data=chat("alpha", stream=True)) as response:
+            ids.append(response.headers["X-Request-Id"])
+            await response.read()
+    assert ids[0] != ids[1]
+    assert [seen.headers["X-Request-Id"] for seen in alpha.seen] == ids
+
+
+async def test_body_trickling_in_past_the_body_timeout_is_408_and_reaches_no_backend(
+    start_fake: StartFake, start_gateway: StartGateway
+) -> None:
+    alpha = await start_fake("alpha")
+    gateway = await start_gateway(alpha, GATEWAY_BODY_TIMEOUT_S="0.3")
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = chat("alpha")
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+    )
+
+    async def trickle() -> None:
+        for byte in body:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the client's pace, part of the scenario
+
+    sender = asyncio.create_task(trickle())
+    status_line = await reader.readline()
+    sender.cancel()
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 408")
+    assert alpha.seen == []

@@ -71,7 +71,7 @@ def test_every_bad_variable_is_named_in_one_error() -> None:
             "GATEWAY_HEALTH_INTERVAL_S": "-1",
             "GATEWAY_HEALTH_FALL": "0",
             "GATEWAY_LOG_LEVEL": "loud",
-            "GATEWAY_READ_TIMEOUT_S": "nan",
+            "GATEWAY_IDLE_TIMEOUT_S": "nan",
             "GATEWAY_MAX_BODY_BYTE": "1",
         }
     )
@@ -80,10 +80,10 @@ def test_every_bad_variable_is_named_in_one_error() -> None:
         "GATEWAY_BACKENDS",
         "GATEWAY_HEALTH_FALL",
         "GATEWAY_HEALTH_INTERVAL_S",
+        "GATEWAY_IDLE_TIMEOUT_S",
         "GATEWAY_LOG_LEVEL",
         "GATEWAY_MAX_BODY_BYTE",
         "GATEWAY_PORT",
-        "GATEWAY_READ_TIMEOUT_S",
     ]
     assert any("unknown variable" in problem for problem in found)
 

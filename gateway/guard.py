@@ -1,0 +1,95 @@
+"""The watchman beside each forwarded request: client departure and upstream timeouts.
+
+Both end the request the same way, by cancelling its task, so the forwarding code has one
+place to clean up: close the upstream connection, which is what makes vLLM abort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.types import Receive
+
+
+class RequestGuard:
+    """Cancels the request's task when its client leaves or the backend stays silent too long.
+
+    Under hypercorn a departed client shows only as an `http.disconnect` from `receive()`
+    (sends after it are silently dropped), so without the watcher a stream to nobody would
+    keep vLLM generating to the end. The idle timer is lazy: a chunk only stores the time, and
+    the timer re-arms itself at most once per idle period, so the per-chunk cost is one store.
+    """
+
+    __slots__ = (
+        "gone",
+        "expired",
+        "last",
+        "_done",
+        "_loop",
+        "_task",
+        "_watcher",
+        "_timer",
+        "_idle_s",
+    )
+
+    def __init__(self, receive: Receive, *, headers_timeout_s: float) -> None:
+        self.gone = False
+        self.expired = False
+        self._done = False
+        loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._idle_s = 0.0
+        self.last = loop.time()
+        self._watcher = loop.create_task(self._watch(receive))
+        # One deadline for the response headers, across every retry.
+        self._timer: asyncio.TimerHandle | None = loop.call_at(
+            self.last + headers_timeout_s, self._expire
+        )
+
+    @property
+    def tripped(self) -> bool:
+        return self.gone or self.expired
+
+    def streaming(self, idle_s: float) -> None:
+        """Headers are in: from now on only silence between chunks counts."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._idle_s = idle_s
+        self.last = self._loop.time()
+        self._timer = self._loop.call_at(self.last + idle_s, self._check_idle)
+
+    def finish(self) -> None:
+        """The response is complete or being ended on purpose: nothing may cancel it now."""
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def close(self) -> None:
+        self.finish()
+        self._watcher.cancel()
+
+    async def _watch(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+        # Hypercorn also reports a disconnect once the response is complete: not a departure.
+        if not self._done and not self.tripped:
+            self.gone = True
+            self._task.cancel()
+
+    def _expire(self) -> None:
+        self._timer = None
+        if not self._done and not self.tripped:
+            self.expired = True
+            self._task.cancel()
+
+    def _check_idle(self) -> None:
+        due = self.last + self._idle_s
+        if self._loop.time() >= due:
+            self._expire()
+        else:
+            self._timer = self._loop.call_at(due, self._check_idle)

@@ -103,7 +103,11 @@ def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [bind or f"{host}:{settings.port}"]
     config.accesslog = None
-    config.errorlog = "-"
+    # A Logger, not "-": hypercorn would add a handler of its own and every line would
+    # appear twice, once in its format and once in ours.
+    errorlog = logging.getLogger("hypercorn.error")
+    errorlog.setLevel(settings.log_level.upper())
+    config.errorlog = errorlog
     config.loglevel = settings.log_level.upper()
     # The backend's headers are what the client sees; hypercorn's banner is not one of them.
     config.include_server_header = False

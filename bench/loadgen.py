@@ -266,7 +266,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             connect_parallel=args.connect_parallel,
             progress=spec.progress,
         )
-        return {"model": spec.model, **await run_hold(hold_spec, pids=args.pid)}
+        summary = await run_hold(hold_spec, pids=args.pid)
+        return {"mode": summary.pop("mode"), "model": spec.model, **summary}
     return await run_load(spec, pids=args.pid, samples_path=args.samples)
 
 

@@ -7,6 +7,8 @@ taken from an exception, so no backend address or internal detail can reach a cl
 
 from __future__ import annotations
 
+from email.utils import formatdate
+
 import orjson
 
 from gateway.types import Send
@@ -137,6 +139,7 @@ async def send_json(
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                (b"date", formatdate(usegmt=True).encode()),
                 *headers,
             ],
         }

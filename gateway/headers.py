@@ -25,8 +25,9 @@ HOP_BY_HOP = frozenset(
 # Set by the client library for the upstream request from the URL and the body it sends;
 # the client's credentials are for the gateway, never for the backends.
 _SET_UPSTREAM = frozenset({b"host", b"content-length", b"expect", b"authorization"})
-# Set by hypercorn for the client; the backend's would be duplicates or disclose its server.
-_SET_DOWNSTREAM = frozenset({b"date", b"server"})
+# The backend's server banner is not the client's business. (Its Date header passes: the
+# gateway does not make one of its own for proxied answers, see server.py.)
+_SET_DOWNSTREAM = frozenset({b"server"})
 
 _DROP_REQUEST = HOP_BY_HOP | _SET_UPSTREAM
 _DROP_RESPONSE = HOP_BY_HOP | _SET_DOWNSTREAM

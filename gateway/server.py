@@ -109,8 +109,10 @@ def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
     errorlog.setLevel(settings.log_level.upper())
     config.errorlog = errorlog
     config.loglevel = settings.log_level.upper()
-    # The backend's headers are what the client sees; hypercorn's banner is not one of them.
+    # The backend's headers are what the client sees; hypercorn's banner is not one of them,
+    # and its Date would duplicate the backend's (the gateway's own answers set their own).
     config.include_server_header = False
+    config.include_date_header = False
     # Streams have had their drain (see `serve_gateway`) before hypercorn's grace begins.
     config.graceful_timeout = 1.0
     return config

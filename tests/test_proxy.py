@@ -435,3 +435,20 @@ async def test_body_trickling_in_past_the_body_timeout_is_408_and_reaches_no_bac
     writer.close()
     assert status_line.startswith(b"HTTP/1.1 408")
     assert alpha.seen == []
+
+
+async def test_every_answer_has_exactly_one_date_header(
+    start_fake: StartFake, start_gateway: StartGateway, client: aiohttp.ClientSession
+) -> None:
+    alpha = await start_fake("alpha")
+    gateway = await start_gateway(alpha)
+    for method, path, body in (
+        ("POST", CHAT, chat("alpha", stream=True)),
+        ("POST", CHAT, chat("alpha")),
+        ("POST", CHAT, chat("nope")),
+        ("GET", "/v1/models", b""),
+        ("GET", "/nowhere", b""),
+    ):
+        async with client.request(method, gateway.url + path, data=body) as response:
+            assert len(response.headers.getall("Date")) == 1, (method, path)
+            await response.read()

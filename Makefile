@@ -27,3 +27,26 @@ typecheck: install
 
 test: lint typecheck
 	$(BIN)/python -m pytest
+
+# Benchmarks (bench/README.md): every installed contender, table and plots in bench/results/.
+# bench-deps adds the optional contenders: nginx (Debian package), vllm-router and LiteLLM
+# (each in its own virtualenv under $(VENV)/contenders/, away from the gateway's pins).
+.PHONY: bench bench-full bench-deps
+
+$(BIN)/.bench-installed: bench/requirements.txt $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
+	touch $@
+
+bench: install $(BIN)/.bench-installed
+	$(BIN)/python bench/run.py --quick
+
+bench-full: install $(BIN)/.bench-installed
+	$(BIN)/python bench/run.py
+
+bench-deps: install
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || \
+		{ apt-get update && apt-get install -y nginx-light; }
+	test -x $(VENV)/contenders/vllm-router/bin/python || $(PYTHON) -m venv $(VENV)/contenders/vllm-router
+	$(VENV)/contenders/vllm-router/bin/python -m pip install --quiet vllm-router
+	test -x $(VENV)/contenders/litellm/bin/python || $(PYTHON) -m venv $(VENV)/contenders/litellm
+	$(VENV)/contenders/litellm/bin/python -m pip install --quiet 'litellm[proxy]'

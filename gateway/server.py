@@ -113,6 +113,10 @@ def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
     # and its Date would duplicate the backend's (the gateway's own answers set their own).
     config.include_server_header = False
     config.include_date_header = False
+    # Hypercorn's default listen backlog of 100 overflows when a few hundred clients connect
+    # at once (a load balancer opening its pool, a burst of streams): the kernel then drops
+    # their SYNs and each retries after a second. The kernel caps this at net.core.somaxconn.
+    config.backlog = 4096
     # Streams have had their drain (see `serve_gateway`) before hypercorn's grace begins.
     config.graceful_timeout = 1.0
     return config

@@ -211,7 +211,15 @@ class Forwarder:
                 # Silence is timed from here: a client slow to take our last send is not
                 # the backend's silence.
                 guard.last = clock()
-                chunk = await content.readany()
+                try:
+                    chunk = await content.readany()
+                except (aiohttp.ClientError, OSError) as exc:
+                    # Only the backend's side: a failure to send to the client is not
+                    # the replica's fault.
+                    log.warning("%s broke off a response: %r", replica.backend.url, exc)
+                    self._registry.record_failure(replica)
+                    await self._break_off(send, guard, BROKEN_EVENT if streaming else b"")
+                    return
                 if not chunk:
                     break
                 if streaming:
@@ -223,11 +231,6 @@ class Forwarder:
                         continue
                     chunk = chunk[:end]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except (aiohttp.ClientError, OSError) as exc:
-            log.warning("%s broke off a response: %r", replica.backend.url, exc)
-            self._registry.record_failure(replica)
-            await self._break_off(send, guard, BROKEN_EVENT if streaming else b"")
-            return
         except asyncio.CancelledError:
             if not guard.expired:
                 raise

@@ -54,13 +54,11 @@ async def gateway_on_free_port(settings: Settings) -> AsyncIterator[RunningGatew
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]
-    # Hypercorn takes ownership of the descriptor; connections queue in the backlog until
-    # it accepts, so the URL is usable at once.
-    bind = f"fd://{sock.detach()}"
+    # Connections queue in the backlog until the server accepts: the URL is usable at once.
     async with running(settings) as parts:
         stop = asyncio.Event()
         server = asyncio.create_task(
-            serve_gateway(parts, settings, shutdown_trigger=stop.wait, bind=bind)
+            serve_gateway(parts, settings, shutdown_trigger=stop.wait, sock=sock)
         )
         try:
             yield RunningGateway(f"http://127.0.0.1:{port}", parts, stop, server)

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUFF_FLAGS := --line-length 100 --target-version py311
 
-.PHONY: install run test lint typecheck
+.PHONY: install run test unit e2e vllm demo lint typecheck
 
 $(BIN)/.installed: setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,24 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: lint typecheck
+# Everything CI runs: lint, types, the unit and fault-injection suite, then the end-to-end
+# tests against real vLLM (installs vLLM's CPU build into a virtualenv of its own first).
+test: lint typecheck unit e2e
+
+unit: install
 	$(BIN)/python -m pytest
+
+# vLLM keeps its own virtualenv (VLLM_VENV, default ~/.cache/vllm-gateway/vllm-venv):
+# its pins (torch, transformers) are not the gateway's.
+vllm:
+	bash bench/install_vllm.sh
+
+e2e: install vllm
+	$(BIN)/python -m pytest -m e2e
+
+# Three real vLLM servers (tiny-a; two replicas of tiny-b) and the gateway on :8080.
+demo: install vllm
+	$(BIN)/python -m bench.demo
 
 # Benchmarks (bench/README.md): every installed contender, table and plots in bench/results/.
 # bench-deps adds the optional contenders: nginx (Debian package), vllm-router and LiteLLM

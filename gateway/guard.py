@@ -29,10 +29,13 @@ class RequestGuard:
         "_task",
         "_watcher",
         "_timer",
+        "_headers_due",
         "_idle_s",
     )
 
-    def __init__(self, receive: Receive, *, headers_timeout_s: float) -> None:
+    def __init__(
+        self, receive: Receive, *, headers_timeout_s: float, idle_timeout_s: float
+    ) -> None:
         self.gone = False
         self.expired = False
         self._done = False
@@ -40,25 +43,25 @@ class RequestGuard:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        self._idle_s = 0.0
-        self.last = loop.time()
+        now = self.last = loop.time()
+        # One deadline for the response headers, across every retry; 0.0 once they are in.
+        self._headers_due = now + headers_timeout_s
+        self._idle_s = idle_timeout_s
         self._watcher = loop.create_task(self._watch(receive))
-        # One deadline for the response headers, across every retry.
+        # One timer for the whole request, armed at the earlier of the two deadlines and
+        # re-armed by `_check` when it fires early: no timer work when the headers arrive.
         self._timer: asyncio.TimerHandle | None = loop.call_at(
-            self.last + headers_timeout_s, self._expire
+            now + min(headers_timeout_s, idle_timeout_s), self._check
         )
 
     @property
     def tripped(self) -> bool:
         return self.gone or self.expired
 
-    def streaming(self, idle_s: float) -> None:
+    def streaming(self) -> None:
         """Headers are in: from now on only silence between chunks counts."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._idle_s = idle_s
+        self._headers_due = 0.0
         self.last = self._loop.time()
-        self._timer = self._loop.call_at(self.last + idle_s, self._check_idle)
 
     def finish(self) -> None:
         """The response is complete or being ended on purpose: nothing may cancel it now."""
@@ -81,15 +84,12 @@ class RequestGuard:
             self.gone = True
             self._task.cancel()
 
-    def _expire(self) -> None:
+    def _check(self) -> None:
+        due = self._headers_due or self.last + self._idle_s
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._check)
+            return
         self._timer = None
         if not self._done and not self.tripped:
             self.expired = True
             self._task.cancel()
-
-    def _check_idle(self) -> None:
-        due = self.last + self._idle_s
-        if self._loop.time() >= due:
-            self._expire()
-        else:
-            self._timer = self._loop.call_at(due, self._check_idle)

@@ -293,3 +293,22 @@ def test_complete_events_finds_the_last_event_boundary() -> None:
     assert complete_events(b"data: a") == 0
     assert complete_events(b"") == 0
     assert complete_events(b"data: a\r\rdata: b") == 9
+
+
+async def test_slow_headers_within_the_headers_timeout_are_not_cut_by_the_idle_timeout(
+    start_fake: StartFake, start_gateway: StartGateway, client: aiohttp.ClientSession
+) -> None:
+    # A non-streaming answer comes only when the generation is done: its wait is timed by
+    # the headers timeout, however short the idle timeout.
+    hold = asyncio.Event()
+    slow = await start_fake("slow", hold_headers=hold)
+    gateway = await start_gateway(
+        slow, GATEWAY_IDLE_TIMEOUT_S="0.1", GATEWAY_HEADERS_TIMEOUT_S="10"
+    )
+    request = asyncio.create_task(client.post(gateway.url + CHAT, data=chat("slow")))
+    await slow.arrived.wait()
+    await asyncio.sleep(0.4)  # the generation's length: four idle timeouts
+    hold.set()
+    async with await request as response:
+        assert response.status == 200
+        assert (await response.json())["served_by"] == "slow"

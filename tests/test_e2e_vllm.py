@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import openai
@@ -74,10 +74,16 @@ class Deployment:
     b1: VllmServer
     b2: VllmServer
     environ: dict[str, str]
+    clients: list[openai.OpenAI] = field(default_factory=list)
 
-    def client(self) -> openai.OpenAI:
+    def client(self, base_url: str | None = None) -> openai.OpenAI:
+        """An openai client of the gateway (or of `base_url`), closed with the deployment."""
         # No client-side retries: an error the gateway lets through must show.
-        return openai.OpenAI(base_url=self.gateway_url + "/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(
+            base_url=(base_url or self.gateway_url) + "/v1", api_key="unused", max_retries=0
+        )
+        self.clients.append(client)
+        return client
 
 
 @pytest.fixture(scope="session")
@@ -115,8 +121,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 "GATEWAY_BACKENDS": ",".join(server.base_url for server in servers),
                 "GATEWAY_HOST": "127.0.0.1",
                 "GATEWAY_PORT": str(port),
+                # vLLM-CPU on two busy cores can be slow to answer a check: one slow
+                # answer must not take a replica out (a first run here lost both tiny-b
+                # replicas that way with a fall of 1). A dead replica's requests are
+                # retried on the other one before the checks notice.
                 "GATEWAY_HEALTH_INTERVAL_S": "1",
-                "GATEWAY_HEALTH_FALL": "1",
+                "GATEWAY_HEALTH_TIMEOUT_S": "5",
+                "GATEWAY_HEALTH_FALL": "3",
                 "GATEWAY_HEALTH_RISE": "1",
             },
         )
@@ -132,7 +143,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 return sorted(ids) == ["tiny-a", "tiny-b"]
 
             wait_until(all_listed, "the gateway lists both models")
-            yield Deployment(url, servers[0], servers[1], servers[2], environ)
+            deployment = Deployment(url, servers[0], servers[1], servers[2], environ)
+            yield deployment
+            for client in deployment.clients:
+                client.close()
         finally:
             gateway.terminate()
             gateway.wait(timeout=60)
@@ -148,7 +162,7 @@ def test_chat_and_completions_answer_streaming_and_not_with_direct_usage(
 ) -> None:
     client = deployment.client()
     direct_server = deployment.a if model == "tiny-a" else deployment.b1
-    direct = openai.OpenAI(base_url=direct_server.base_url + "/v1", api_key="x", max_retries=0)
+    direct = deployment.client(direct_server.base_url)
 
     chat = client.chat.completions.create(model=model, messages=MESSAGES, **GREEDY)  # type: ignore[arg-type]
     chat_direct = direct.chat.completions.create(model=model, messages=MESSAGES, **GREEDY)  # type: ignore[arg-type]

@@ -98,6 +98,7 @@ class ModelRoute:
         replicas = self.replicas
         count = len(replicas)
         now = 0.0
+        fallback: Replica | None = None
         for offset in range(count):
             index = (self._next + offset) % count
             replica = replicas[index]
@@ -106,11 +107,14 @@ class ModelRoute:
             if replica.ejected_until:
                 now = now or time.monotonic()
                 if now < replica.ejected_until or replica.probing:
+                    fallback = fallback or replica
                     continue
                 replica.probing = True
             self._next = index + 1
             return replica
-        return None
+        # Every healthy replica is ejected: trying one beats refusing the request (Envoy's
+        # panic mode), so a lone replica with a run of 5xx still gets its traffic.
+        return fallback
 
     def __repr__(self) -> str:
         up = sum(1 for replica in self.replicas if replica.healthy)

@@ -312,3 +312,16 @@ async def test_slow_headers_within_the_headers_timeout_are_not_cut_by_the_idle_t
     async with await request as response:
         assert response.status == 200
         assert (await response.json())["served_by"] == "slow"
+
+
+async def test_lone_replica_is_never_ejected_into_a_503(
+    start_fake: StartFake, start_gateway: StartGateway, client: aiohttp.ClientSession
+) -> None:
+    lone = await start_fake("lone", status=500, error_body=b'{"error":{"message":"oops"}}')
+    gateway = await start_gateway(lone, GATEWAY_EJECT_FAILURES="2", GATEWAY_RETRIES="0")
+    for _ in range(5):
+        async with client.post(gateway.url + CHAT, data=chat("lone")) as response:
+            assert response.status == 500, "the backend's own answer, not the gateway's 503"
+            await response.read()
+    assert len(lone.seen) == 5
+    assert gateway.parts.registry.replicas[0].ejections >= 1

@@ -102,8 +102,10 @@ def main() -> int:
         ServerSpec(models / "tiny-b", "tiny-b", port_b1),
         ServerSpec(models / "tiny-b", "tiny-b", port_b2),
     ]
-    # SIGTERM ends the demo as Ctrl-C does, with every server stopped on the way out.
+    # SIGTERM ends the demo as Ctrl-C does, with every server stopped on the way out. SIGINT
+    # is set too: a shell that starts a job in the background leaves it ignored.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     print("demo: starting three vLLM servers (about 1-2 minutes on two cores)", flush=True)
     try:
         with start_servers(

@@ -133,8 +133,8 @@ async def serve_gateway(
     """Serve a running gateway until `shutdown_trigger` returns, then drain.
 
     Draining: /ready turns 503 and new requests get 503 at once, while the requests in
-    flight get up to `drain_timeout_s` to finish. Only then does the server stop, with a
-    short grace of its own: hypercorn's default 3 s would cut long generations off.
+    flight get up to `drain_timeout_s` to finish. Only then does hypercorn stop, with a
+    short grace of its own: its default 3 s would cut long generations off.
     `sock`, when given, is a bound, listening socket to serve on instead of host and port.
     """
 
@@ -148,18 +148,6 @@ async def serve_gateway(
         except TimeoutError:
             log.warning("drain timeout: cutting %d requests off", inflight.count)
 
-    if settings.server == "uvicorn":
-        from gateway.uvicorn_server import serve_uvicorn
-
-        await serve_uvicorn(
-            gateway.app,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            stop=drain_then_stop,
-            sock=sock,
-        )
-        return
     # Hypercorn takes ownership of a socket handed over as a descriptor.
     bind = f"fd://{sock.detach()}" if sock is not None else None
     await hypercorn_serve(

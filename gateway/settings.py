@@ -12,7 +12,6 @@ import math
 import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib.util import find_spec
 from typing import Any
 
 from gateway.backends import Backend, BackendError, parse_backend_list, parse_model_routes
@@ -153,13 +152,6 @@ VARIABLES: tuple[Variable, ...] = (
         "Seconds an idle pooled connection to a backend is kept. Keep it below the backend's own "
         "keep-alive (uvicorn, which serves vLLM, closes idle connections after 5 s).",
     ),
-    Variable(
-        "GATEWAY_SERVER",
-        "hypercorn",
-        "The HTTP server: hypercorn, or uvicorn (with httptools; install "
-        "'vllm-gateway[uvicorn]'), which costs about a third of hypercorn's CPU per request "
-        "and 60% per streamed event (see the README's Performance section).",
-    ),
     Variable("GATEWAY_LOG_LEVEL", "info", "One of " + ", ".join(LOG_LEVELS) + "."),
 )
 
@@ -192,7 +184,6 @@ class Settings:
     api_keys: frozenset[str] = frozenset()
     backend_api_key: str = ""
     upstream_keepalive_s: float = 4.0
-    server: str = "hypercorn"
     log_level: str = "info"
 
     @property
@@ -252,7 +243,6 @@ class Settings:
             "api_keys": cast("GATEWAY_API_KEYS", _api_keys),
             "backend_api_key": cast("GATEWAY_BACKEND_API_KEY", _header_value),
             "upstream_keepalive_s": cast("GATEWAY_UPSTREAM_KEEPALIVE_S", _positive_seconds),
-            "server": cast("GATEWAY_SERVER", _server),
             "log_level": cast("GATEWAY_LOG_LEVEL", _log_level),
         }
         if problems:
@@ -344,15 +334,6 @@ def _positive_seconds(raw: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError("must be a positive number of seconds")
     return value
-
-
-def _server(raw: str) -> str:
-    server = raw.lower()
-    if server not in ("hypercorn", "uvicorn"):
-        raise ValueError("must be hypercorn or uvicorn")
-    if server == "uvicorn" and not (find_spec("uvicorn") and find_spec("httptools")):
-        raise ValueError("uvicorn is not installed: pip install 'vllm-gateway[uvicorn]'")
-    return server
 
 
 def _log_level(raw: str) -> str:

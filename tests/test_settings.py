@@ -73,7 +73,6 @@ def test_every_bad_variable_is_named_in_one_error() -> None:
             "GATEWAY_LOG_LEVEL": "loud",
             "GATEWAY_IDLE_TIMEOUT_S": "nan",
             "GATEWAY_MAX_BODY_BYTE": "1",
-            "GATEWAY_SERVER": "gunicorn",
         }
     )
     names = [problem.split("=")[0].split(":")[0] for problem in found]
@@ -85,7 +84,6 @@ def test_every_bad_variable_is_named_in_one_error() -> None:
         "GATEWAY_LOG_LEVEL",
         "GATEWAY_MAX_BODY_BYTE",
         "GATEWAY_PORT",
-        "GATEWAY_SERVER",
     ]
     assert any("unknown variable" in problem for problem in found)
 

@@ -17,19 +17,10 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-_POST_PATHS = (
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/responses",
-    "/v1/score",
-    "/v1/rerank",
-    "/v2/rerank",
-    "/classify",
-    "/pooling",
-    "/tokenize",
-    "/detokenize",
-)
+from gateway.proxy import PROXIED_PATHS
+
+# vLLM serves every route the gateway proxies (and more the gateway refuses to pass).
+_POST_PATHS = PROXIED_PATHS
 
 
 def model_card(

@@ -18,9 +18,9 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.vllm_servers import DEFAULT_VENV, ServerSpec, VllmServer, start_servers
+from bench.demo_layout import tiny_a_and_two_tiny_b
+from bench.vllm_servers import DEFAULT_VENV, VllmServer, start_servers
 
-ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "vllm-gateway"
 
 
@@ -83,25 +83,7 @@ def main() -> int:
     parser.add_argument("--vllm-ports", type=int, nargs=3, default=[8001, 8002, 8003])
     args = parser.parse_args()
     venv = Path(os.environ.get("VLLM_VENV") or DEFAULT_VENV)
-    models = CACHE / "models"
-    subprocess.run(
-        [
-            str(venv / "bin/python"),
-            str(ROOT / "bench/tiny_models.py"),
-            str(models / "tiny-a"),
-            str(models / "tiny-b"),
-            "--seed",
-            "0",
-            "1",
-        ],
-        check=True,
-    )
-    port_a, port_b1, port_b2 = args.vllm_ports
-    specs = [
-        ServerSpec(models / "tiny-a", "tiny-a", port_a),
-        ServerSpec(models / "tiny-b", "tiny-b", port_b1),
-        ServerSpec(models / "tiny-b", "tiny-b", port_b2),
-    ]
+    specs = tiny_a_and_two_tiny_b(CACHE / "models", args.vllm_ports, venv=venv)
     # SIGTERM ends the demo as Ctrl-C does, with every server stopped on the way out. SIGINT
     # is set too: a shell that starts a job in the background leaves it ignored.
     signal.signal(signal.SIGTERM, _interrupt)

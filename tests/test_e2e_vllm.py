@@ -25,12 +25,12 @@ from pathlib import Path
 import openai
 import pytest
 
-from bench.vllm_servers import DEFAULT_VENV, ServerSpec, VllmServer, start_servers, wait_ready
+from bench.demo_layout import tiny_a_and_two_tiny_b
+from bench.vllm_servers import DEFAULT_VENV, VllmServer, start_servers, wait_ready
 
 # Loading three servers on two cores takes minutes: the first test's budget covers it.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parent.parent
 SETTLE_S = 60.0
 
 
@@ -91,25 +91,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     venv = Path(os.environ.get("VLLM_VENV") or DEFAULT_VENV)
     if not (venv / "bin" / "python").exists():
         pytest.fail(f"no vLLM virtualenv at {venv}: run `bash bench/install_vllm.sh` first")
-    models = tmp_path_factory.mktemp("models")
-    subprocess.run(
-        [
-            str(venv / "bin/python"),
-            str(ROOT / "bench/tiny_models.py"),
-            str(models / "tiny-a"),
-            str(models / "tiny-b"),
-            "--seed",
-            "0",
-            "1",
-        ],
-        check=True,
-    )
-    # vLLM's "auto" binding puts every server's compute thread on core 0: spread them.
-    specs = [
-        ServerSpec(models / "tiny-a", "tiny-a", free_port(), omp_threads_bind="0"),
-        ServerSpec(models / "tiny-b", "tiny-b", free_port(), omp_threads_bind="1"),
-        ServerSpec(models / "tiny-b", "tiny-b", free_port(), omp_threads_bind="0"),
-    ]
+    ports = [free_port() for _ in range(3)]
+    specs = tiny_a_and_two_tiny_b(tmp_path_factory.mktemp("models"), ports, venv=venv)
     logs = tmp_path_factory.mktemp("vllm-logs")
     environ = dict(os.environ)
     with start_servers(specs, venv=venv, log_dir=logs, environ=environ) as servers:

@@ -11,8 +11,10 @@ from collections.abc import Mapping, Sequence
 import uvloop
 
 from gateway import __version__
+from gateway.logs import configure_logging
 from gateway.server import serve
 from gateway.settings import Settings, SettingsError, help_text
+from gateway.workers import supervise
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -35,18 +37,20 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except SettingsError as exc:
         print(f"vllm-gateway: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, with_pid=settings.workers > 1)
     logging.getLogger("gateway").info(
-        "vllm-gateway %s on %s:%d, %d backends",
+        "vllm-gateway %s on %s:%d, %d backends, %d %s",
         __version__,
         settings.host,
         settings.port,
         len(settings.all_backends),
+        settings.workers,
+        "worker" if settings.workers == 1 else "workers",
     )
+    # Before any worker starts: they inherit the limit.
     _raise_open_file_limit()
+    if settings.workers > 1:
+        return supervise(settings)
     uvloop.run(serve(settings))
     return 0
 

@@ -25,6 +25,11 @@ from gateway.upstream import create_session
 
 log = logging.getLogger("gateway.server")
 
+# Hypercorn's default listen backlog of 100 overflows when a few hundred clients connect at
+# once (a load balancer opening its pool, a burst of streams): the kernel then drops their
+# SYNs and each retries after a second. The kernel caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
 
 @dataclass(frozen=True)
 class Gateway:
@@ -114,10 +119,7 @@ def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
     # and its Date would duplicate the backend's (the gateway's own answers set their own).
     config.include_server_header = False
     config.include_date_header = False
-    # Hypercorn's default listen backlog of 100 overflows when a few hundred clients connect
-    # at once (a load balancer opening its pool, a burst of streams): the kernel then drops
-    # their SYNs and each retries after a second. The kernel caps this at net.core.somaxconn.
-    config.backlog = 4096
+    config.backlog = LISTEN_BACKLOG
     # Streams have had their drain (see `serve_gateway`) before hypercorn's grace begins.
     config.graceful_timeout = 1.0
     return config
@@ -157,11 +159,11 @@ async def serve_gateway(
     )
 
 
-async def serve(settings: Settings) -> None:
-    """Serve until SIGINT or SIGTERM, then drain."""
+async def serve(settings: Settings, *, sock: socket.socket | None = None) -> None:
+    """Serve until SIGINT or SIGTERM, then drain; on `sock` if given, else on host and port."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with running(settings) as gateway:
-        await serve_gateway(gateway, settings, shutdown_trigger=stop.wait)
+        await serve_gateway(gateway, settings, shutdown_trigger=stop.wait, sock=sock)

@@ -55,6 +55,13 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("GATEWAY_HOST", "0.0.0.0", "Address to listen on."),
     Variable("GATEWAY_PORT", "8080", "Port to listen on."),
     Variable(
+        "GATEWAY_WORKERS",
+        "1",
+        "Worker processes serving the port, for a container with several cores: one per core "
+        "it may use. Each is a whole gateway with its own health checks and its own "
+        "round-robin. 1: a single process, no supervisor.",
+    ),
+    Variable(
         "GATEWAY_HEALTH_INTERVAL_S",
         "5",
         "Seconds between health checks of each backend (GET /health and GET /v1/models).",
@@ -166,6 +173,7 @@ class Settings:
     pinned: Mapping[str, tuple[Backend, ...]]
     host: str = "0.0.0.0"
     port: int = 8080
+    workers: int = 1
     health_interval_s: float = 5.0
     health_timeout_s: float = 3.0
     health_fall: int = 3
@@ -225,6 +233,7 @@ class Settings:
             "pinned": pinned,
             "host": cast("GATEWAY_HOST", _host),
             "port": cast("GATEWAY_PORT", _port),
+            "workers": cast("GATEWAY_WORKERS", _positive_int),
             "health_interval_s": cast("GATEWAY_HEALTH_INTERVAL_S", _positive_seconds),
             "health_timeout_s": cast("GATEWAY_HEALTH_TIMEOUT_S", _positive_seconds),
             "health_fall": cast("GATEWAY_HEALTH_FALL", _positive_int),

@@ -26,6 +26,7 @@ def test_defaults_apply_when_only_backends_are_set() -> None:
     assert settings.health_interval_s == 5.0
     assert settings.max_body_bytes == 32 * 1024 * 1024
     assert settings.log_level == "info"
+    assert settings.workers == 1
 
 
 def test_backends_are_normalised_and_deduplicated() -> None:
@@ -120,6 +121,16 @@ def test_malformed_backend_urls_are_explained(raw: str, fragment: str) -> None:
 def test_malformed_model_routes_are_explained(raw: str, fragment: str) -> None:
     (problem,) = problems({"GATEWAY_MODELS": raw, **ONE})
     assert problem.startswith("GATEWAY_MODELS=") and fragment in problem
+
+
+@pytest.mark.parametrize(("raw", "fragment"), [("0", "at least 1"), ("two", "whole number")])
+def test_workers_must_be_a_positive_whole_number(raw: str, fragment: str) -> None:
+    (problem,) = problems({"GATEWAY_WORKERS": raw, **ONE})
+    assert problem.startswith(f"GATEWAY_WORKERS={raw!r}") and fragment in problem
+
+
+def test_workers_parse() -> None:
+    assert Settings.from_environ({"GATEWAY_WORKERS": " 4 ", **ONE}).workers == 4
 
 
 def test_help_lists_every_variable_with_its_default() -> None:

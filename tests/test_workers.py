@@ -1,0 +1,233 @@
+"""GATEWAY_WORKERS=2: the real command, a supervisor and two worker processes on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import TEST_ENV, StartFake
+from tests.fakes import FakeVllm
+from tests.test_proxy import CHAT, chat
+
+COMMAND = str(Path(sys.executable).with_name("vllm-gateway"))
+REQUEST_ID = re.compile(r"gw-([0-9a-f]{12})-[0-9]+")
+BACKEND_UP = re.compile(r"\[([0-9]+)\]: backend \S+ is up")
+# Each wait ends on its event; this only bounds a wait for one that never comes. Two fresh
+# interpreters starting on a busy two-core machine take a second or two.
+DEADLINE_S = 20.0
+
+
+class Logs:
+    """The command's stderr, line by line, for a test to wait on what it logs."""
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self.lines: list[str] = []
+        self.closed = False
+        self._changed = asyncio.Condition()
+        self.reader = asyncio.create_task(self._read(stream))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            async with self._changed:
+                self.lines.append(line.decode(errors="replace").rstrip())
+                self._changed.notify_all()
+        async with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+    async def wait_for(self, found: Callable[[list[str]], bool]) -> None:
+        async with self._changed:
+            await asyncio.wait_for(
+                self._changed.wait_for(lambda: found(self.lines) or self.closed), DEADLINE_S
+            )
+        assert found(self.lines), "\n".join(self.lines)
+
+    async def wait_until_up(self, pids: int) -> None:
+        """Until `pids` distinct worker processes have logged the backend up."""
+        await self.wait_for(lambda lines: len(up_pids(lines)) >= pids)
+
+
+def up_pids(lines: list[str]) -> set[int]:
+    return {int(match[1]) for line in lines if (match := BACKEND_UP.search(line))}
+
+
+@dataclass
+class Command:
+    process: asyncio.subprocess.Process
+    url: str
+    logs: Logs
+
+    def workers(self) -> set[int]:
+        return worker_pids(self.process.pid)
+
+
+def worker_pids(parent: int) -> set[int]:
+    """The live worker processes of `parent` (not multiprocessing's resource tracker)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        # The command name, in parentheses, may hold spaces: the fields follow the last ")".
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == parent and state not in "ZX" and b"--multiprocessing-fork" in cmdline:
+            pids.add(int(entry.name))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in "ZX"
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll what only /proc shows (no process tells of it) until it holds, or fail."""
+    deadline = asyncio.get_running_loop().time() + DEADLINE_S
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def gateway_command(backend: FakeVllm, **env: str) -> AsyncIterator[Command]:
+    """`vllm-gateway` with two workers in front of `backend`, on a free port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    environ = TEST_ENV | {
+        "GATEWAY_BACKENDS": backend.url,
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_WORKERS": "2",
+        "GATEWAY_HEALTH_INTERVAL_S": "0.05",
+        "GATEWAY_LOG_LEVEL": "info",
+    }
+    process = await asyncio.create_subprocess_exec(
+        COMMAND, env=clean | environ | env, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stderr is not None
+    logs = Logs(process.stderr)
+    command = Command(process, f"http://127.0.0.1:{port}", logs)
+    workers: set[int] = set()
+    try:
+        await logs.wait_until_up(2)
+        workers = command.workers()
+        yield command
+    finally:
+        workers |= command.workers()
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), DEADLINE_S)
+        # Whatever a failed test left running: a worker outliving the command would hold its
+        # stderr open (and the port) for good.
+        for pid in workers | {process.pid}:
+            if alive(pid):
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        await process.wait()
+        await logs.reader
+
+
+def fresh_connections() -> aiohttp.ClientSession:
+    """A client that opens a new TCP connection for every request."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+
+
+async def test_both_workers_serve_connections_on_the_one_port(start_fake: StartFake) -> None:
+    alpha = await start_fake("alpha")
+    async with gateway_command(alpha) as gateway, fresh_connections() as client:
+        assert len(gateway.workers()) == 2
+        prefixes = set()
+        # Each Forwarder stamps its own random prefix: two prefixes, two processes serving.
+        # The kernel hashes each connection to a socket: all 64 on one has odds of 2**-63.
+        for _ in range(64):
+            async with client.post(gateway.url + CHAT, data=chat("alpha")) as response:
+                assert response.status == 200
+                request_id = REQUEST_ID.fullmatch(response.headers["X-Request-Id"])
+                assert request_id is not None
+                prefixes.add(request_id[1])
+        assert len(prefixes) == 2
+
+
+async def test_a_killed_worker_is_replaced_and_its_queued_connections_answered(
+    start_fake: StartFake,
+) -> None:
+    alpha = await start_fake("alpha")
+    async with gateway_command(alpha) as gateway, fresh_connections() as client:
+        before = gateway.workers()
+        assert len(before) == 2
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        await until(lambda: not alive(victim))
+
+        # About half of these land on the dead worker's socket, which the supervisor keeps
+        # open: they wait in its queue for the replacement instead of being refused.
+        async def health() -> int:
+            async with client.get(gateway.url + "/health") as response:
+                return response.status
+
+        statuses = await asyncio.gather(*(health() for _ in range(32)))
+        assert statuses == [200] * 32
+        await until(lambda: len(gateway.workers()) == 2)
+        replacement = gateway.workers() - before
+        assert len(replacement) == 1
+        await gateway.logs.wait_for(lambda lines: replacement <= up_pids(lines))
+        async with client.post(gateway.url + CHAT, data=chat("alpha")) as response:
+            assert response.status == 200
+        logged = "\n".join(gateway.logs.lines)
+        assert f"(pid {victim}) was killed by SIGKILL; restarting it" in logged
+        assert f"restarted: pid {replacement.pop()}" in logged
+
+
+async def test_sigterm_drains_every_worker_then_the_supervisor_exits_0(
+    start_fake: StartFake, client: aiohttp.ClientSession
+) -> None:
+    gate = asyncio.Event()
+    alpha = await start_fake("alpha", gate=gate)
+    async with gateway_command(alpha, GATEWAY_DRAIN_TIMEOUT_S="30") as gateway:
+        workers = gateway.workers()
+        assert len(workers) == 2
+        async with client.post(gateway.url + CHAT, data=chat("alpha", stream=True)) as stream:
+            first = await stream.content.readany()
+            gateway.process.send_signal(signal.SIGTERM)
+            # The worker holding the stream got the supervisor's SIGTERM and is draining.
+            await gateway.logs.wait_for(
+                lambda lines: any("draining: 1 requests in flight" in line for line in lines)
+            )
+            assert alive(gateway.process.pid), "the open stream holds the exit back"
+            gate.set()
+            rest = await stream.content.read()
+        assert (first + rest).endswith(b"data: [DONE]\n\n")
+        assert await asyncio.wait_for(gateway.process.wait(), DEADLINE_S) == 0
+        assert not any(alive(pid) for pid in workers)
+
+
+async def test_workers_do_not_outlive_a_supervisor_killed_with_sigkill(
+    start_fake: StartFake,
+) -> None:
+    alpha = await start_fake("alpha")
+    async with gateway_command(alpha) as gateway:
+        workers = gateway.workers()
+        assert len(workers) == 2
+        gateway.process.kill()
+        assert await gateway.process.wait() == -signal.SIGKILL
+        await until(lambda: not any(alive(pid) for pid in workers))

@@ -4,6 +4,8 @@ A contender knows how to find itself (``missing()`` says why it cannot run here)
 in front of one upstream (``command()``) and its version. ``start()`` runs one, waits until a
 real stream passes through it, and stops it afterwards. ``direct`` is no process at all: the
 load generator talks to the fake vLLM itself, which gives the baseline every proxy adds to.
+``bare-hypercorn`` and ``bare-uvicorn`` are the floor under the gateway: a bare proxy under the
+same server, so that what the gateway costs beyond them is its own code's.
 
 Contenders installed by ``make bench-deps`` live in their own virtualenvs under
 ``<venv>/contenders/NAME`` (their pins would fight the gateway's), found from ``sys.prefix``.
@@ -77,6 +79,15 @@ def _dist_version(venv: str, dist: str) -> str:
         return "?"
 
 
+def _uvicorn_missing() -> str | None:
+    for module in ("uvicorn", "httptools"):
+        try:
+            metadata.version(module)
+        except metadata.PackageNotFoundError:
+            return f"{module} is not installed (bench/requirements.txt)"
+    return None
+
+
 class Contender:
     """One proxy under test. Subclasses fill in how to find, start and name it."""
 
@@ -144,18 +155,46 @@ class GatewayUvicorn(Gateway):
     about = "the same gateway app served by uvicorn + httptools + uvloop (bench/serve_uvicorn.py)"
 
     def missing(self) -> str | None:
-        for module in ("uvicorn", "httptools"):
-            try:
-                metadata.version(module)
-            except metadata.PackageNotFoundError:
-                return f"{module} is not installed (bench/requirements.txt)"
-        return None
+        return _uvicorn_missing()
 
     def version(self) -> str:
         return f"{metadata.version('vllm-gateway')}, uvicorn {metadata.version('uvicorn')}"
 
     def command(self, upstream: str, model: str, port: int, workdir: Path) -> list[str]:
         return [sys.executable, str(BENCH / "serve_uvicorn.py")]
+
+
+class BareHypercorn(Contender):
+    """The server floor: what the server and aiohttp cost with no gateway code at all."""
+
+    name = "bare-hypercorn"
+    about = (
+        "the floor under `gateway`: a bare ASGI proxy (bench/bare_proxy.py), one pooled "
+        "aiohttp session, chunks relayed as they come, under the same hypercorn config"
+    )
+    server = "hypercorn"
+
+    def version(self) -> str:
+        return (
+            f"{self.server} {metadata.version(self.server)}, aiohttp {metadata.version('aiohttp')}"
+        )
+
+    def command(self, upstream: str, model: str, port: int, workdir: Path) -> list[str]:
+        return [sys.executable, str(BENCH / "bare_proxy.py"), self.server, "--port", str(port)]
+
+    def env(self, upstream: str, model: str, port: int) -> dict[str, str]:
+        return clean_env({"BARE_UPSTREAM": upstream})
+
+
+class BareUvicorn(BareHypercorn):
+    name = "bare-uvicorn"
+    about = (
+        "the floor under `gateway-uvicorn`: the same bare proxy under uvicorn + httptools + uvloop"
+    )
+    server = "uvicorn"
+
+    def missing(self) -> str | None:
+        return _uvicorn_missing()
 
 
 class Nginx(Contender):
@@ -264,7 +303,9 @@ class Litellm(Contender):
 ALL: tuple[Contender, ...] = (
     Direct(),
     Gateway(),
+    BareHypercorn(),
     GatewayUvicorn(),
+    BareUvicorn(),
     Nginx(),
     VllmRouter(),
     Litellm(),

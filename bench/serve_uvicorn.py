@@ -34,8 +34,11 @@ async def serve(settings: Settings) -> None:
             lifespan="off",
             log_level=settings.log_level,
             access_log=False,
-            # As the gateway's hypercorn config: the backend's headers, not a server banner.
+            # As the gateway's hypercorn config: the backend's headers, not a server banner
+            # nor a second Date, and a listen backlog for hundreds of connects at once.
             server_header=False,
+            date_header=False,
+            backlog=4096,
         )
         await uvicorn.Server(config).serve()
 

@@ -1,5 +1,5 @@
-"""Smoke test of the benchmark runner (bench/run.py): it runs, counts and reports; how fast
-anything is stays in bench/results/, never in an assertion here."""
+"""Smoke tests of the benchmark runner (bench/run.py) and its contenders: they run, count and
+report; how fast anything is stays in bench/results/, never in an assertion here."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import contenders, run
+import aiohttp
+import orjson
+import pytest
+
+from bench import contenders, fake_vllm, hold_streams, loadgen, run
 from bench.scenarios import SCENARIOS, Plan
+
+MODEL = "bench-model"
 
 TINY = Plan(
     saturation_s=0.5,
@@ -90,3 +96,59 @@ async def test_runner_reports_every_contender_with_zero_errors(tmp_path: Path) -
     assert "absent (not installed here)" in markdown
     raw = json.loads((tmp_path / "latest.raw.json").read_text())
     assert raw["gateway"][0]["c1"]["ttft_s"]
+
+
+@pytest.mark.parametrize(
+    "floor", [contenders.BareHypercorn(), contenders.BareUvicorn()], ids=lambda c: c.name
+)
+async def test_bare_proxy_relays_streams_whole_and_closes_upstreams_of_departed_clients(
+    floor: contenders.Contender, tmp_path: Path
+) -> None:
+    """The server floor, started as the runner starts it: a stream arrives event for event,
+    concurrent streams are all counted, and clients that leave get their upstreams closed."""
+    reason = floor.missing()
+    if reason:
+        pytest.skip(reason)
+    async with await fake_vllm.serve(models=(MODEL,), events=16) as fake:
+        probe = loadgen.LoadSpec(url=fake.url, model=MODEL, events=1, interval_ms=0)
+        async with contenders.start(
+            floor,
+            upstream=fake.url,
+            model=MODEL,
+            probe_request=probe.request_bytes(),
+            workdir=tmp_path,
+            core=None,
+        ) as target:
+            request = {"model": MODEL, "stream": True, "fake_events": 5}
+            async with (
+                aiohttp.ClientSession() as client,
+                client.post(target.url + "/v1/chat/completions", json=request) as response,
+            ):
+                assert response.status == 200
+                assert response.headers["content-type"].startswith("text/event-stream")
+                assert "content-length" not in response.headers
+                body = await response.read()
+            *events, done, tail = body.split(b"\n\n")
+            assert (done, tail) == (b"data: [DONE]", b"")
+            chunks = [orjson.loads(event.removeprefix(b"data: ")) for event in events]
+            assert [c["object"] for c in chunks] == ["chat.completion.chunk"] * 5
+            assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+            spec = loadgen.LoadSpec(url=target.url, model=MODEL, concurrency=4, requests=40)
+            summary = await loadgen.run_load(spec)
+            assert summary["errors"] == 0, summary["first_error"]
+            assert summary["events"] == 40 * 16
+
+            slow = loadgen.LoadSpec(url=target.url, model=MODEL, events=10**9, interval_ms=1000.0)
+            held = await hold_streams.run_hold(
+                hold_streams.HoldSpec(
+                    url=target.url,
+                    request=slow.request_bytes(),
+                    streams=10,
+                    hold_s=0.0,
+                    stats_url=fake.url + "/stats",
+                )
+            )
+            assert held["errors"] == 0, held["first_error"]
+            assert held["upstream_aborted"] == 10
+            assert fake.stats.active_streams == 0

@@ -168,3 +168,10 @@ async def test_proc_stats_sums_cpu_over_a_process_tree() -> None:
             os.kill(child, signal.SIGKILL)
         proc.kill()
         await proc.communicate()  # drains the pipe too: uvloop warns about an unread one
+
+
+def test_no_bench_module_shadows_the_standard_library() -> None:
+    """bench/ scripts run with bench/ first on sys.path: a bench/profile.py once hid the
+    stdlib `profile` from torch inside `python bench/tiny_models.py`, failing every e2e test."""
+    names = {path.stem for path in BENCH.glob("*.py")}
+    assert not names & set(sys.stdlib_module_names)

@@ -1,10 +1,10 @@
-"""Smoke tests of bench/profile.py: py-spy's samples are charged to the right shares."""
+"""Smoke tests of bench/cpu_profile.py: py-spy's samples are charged to the right shares."""
 
 from __future__ import annotations
 
 import collections
 
-from bench import profile
+from bench import cpu_profile as profile
 
 # Three stacks in py-spy's raw format, as `--subprocesses` writes them.
 COLLAPSED = [

@@ -1,7 +1,7 @@
 """Where a proxy's CPU goes: py-spy samples under load, added up by the package they land in.
 
-    python bench/profile.py                                    # gateway and bare-hypercorn, burst
-    python bench/profile.py --contenders gateway --scenario paced --seconds 20
+    python bench/cpu_profile.py                              # gateway and bare-hypercorn, burst
+    python bench/cpu_profile.py --contenders gateway --scenario paced --seconds 20
 
 Each contender runs pinned to core 0 in front of the fake vLLM (core 1, with this process as
 the load generator), exactly as in ``run.py``. While the load runs, py-spy samples the

@@ -24,6 +24,7 @@ RUN=(buildah run --isolation chroot)
 tmp=$(mktemp -d /tmp/vllm-gateway-smoke.XXXXXX)
 fake_pid=
 gateway_pid=
+workers_pid=
 ctr=
 hc_ctr=
 containers=()
@@ -52,6 +53,7 @@ stop_tree() {
 }
 cleanup() {
     if [[ -n $gateway_pid ]]; then stop_tree "$gateway_pid"; fi
+    if [[ -n $workers_pid ]]; then stop_tree "$workers_pid"; fi
     if [[ -n $fake_pid ]]; then stop_tree "$fake_pid"; fi
     local ctr
     for ctr in "${containers[@]}"; do buildah rm "$ctr" >/dev/null 2>&1 || true; done
@@ -227,6 +229,45 @@ if [[ -n $gateway_proc ]]; then
     fi
 else
     fail "gateway process not found under buildah run ($gateway_pid)"
+fi
+
+# --- several workers -------------------------------------------------------------------------
+port=$(free_port)
+gateway=http://127.0.0.1:$port
+"${RUN[@]}" --env "GATEWAY_BACKENDS=$backend" --env "GATEWAY_PORT=$port" \
+    --env GATEWAY_HOST=127.0.0.1 --env GATEWAY_HEALTH_INTERVAL_S=1 --env GATEWAY_WORKERS=2 \
+    "$ctr" -- vllm-gateway >"$tmp/workers.log" 2>&1 &
+workers_pid=$!
+# Each worker answers /ready on its own once its first health pass is in; the kernel picks
+# the worker per connection, so wait until a run of fresh connections all find one ready.
+all_ready() { for _ in 1 2 3 4 5 6 7 8; do ready || return 1; done; }
+if wait_for 30 all_ready; then
+    # Each worker stamps X-Request-Id with a prefix of its own; one connection per request.
+    for _ in $(seq 32); do
+        curl -sf -o /dev/null -D - "$gateway/v1/chat/completions" \
+            -H 'Content-Type: application/json' -d "$chat" |
+            sed -n 's/^x-request-id: \(gw-[0-9a-f]*\)-.*/\1/p'
+    done | sort -u >"$tmp/prefixes.txt"
+    if [[ $(wc -l <"$tmp/prefixes.txt") == 2 ]]; then
+        pass "GATEWAY_WORKERS=2: two worker processes answered 32 connections"
+    else
+        fail "GATEWAY_WORKERS=2: request-id prefixes seen: $(tr '\n' ' ' <"$tmp/prefixes.txt")"
+    fi
+    supervisor=
+    for pid in $(tree "$workers_pid"); do
+        if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == vllm-gateway ]]; then supervisor=$pid; fi
+    done
+    kill -TERM "$supervisor"
+    workers_gone() { ! kill -0 "$workers_pid" 2>/dev/null; }
+    if wait_for 20 workers_gone; then
+        pass "GATEWAY_WORKERS=2: supervisor and workers exit on SIGTERM"
+        workers_pid=
+    else
+        fail "GATEWAY_WORKERS=2: still running 20 s after SIGTERM"
+    fi
+else
+    fail "GATEWAY_WORKERS=2: not ready within 30 s; log:"
+    tail -n 30 "$tmp/workers.log"
 fi
 
 if ((failures)); then

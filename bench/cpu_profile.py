@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `bench.*` importable
 
 from bench import contenders as cs  # noqa: E402
 from bench.loadgen import LoadSpec, run_load  # noqa: E402
-from bench.run import MODEL, fake_vllm  # noqa: E402
+from bench.run import FULL, MODEL, fake_vllm, in_front_of_fake  # noqa: E402
 
 # Innermost-frame file prefix -> the share it is reported under.
 GROUPS: tuple[tuple[str, str], ...] = (
@@ -103,11 +103,25 @@ def py_spy() -> str | None:
 
 
 def spec_for(url: str, scenario: str, seconds: float) -> LoadSpec:
+    """The load of run.py's saturation (burst) or paced scenario, for `seconds`."""
+    plan = FULL
     if scenario == "paced":
         return LoadSpec(
-            url=url, model=MODEL, concurrency=236, duration_s=seconds, events=64, interval_ms=10
+            url=url,
+            model=MODEL,
+            concurrency=plan.paced_streams,
+            duration_s=seconds,
+            events=plan.paced_events,
+            interval_ms=plan.paced_interval_ms,
         )
-    return LoadSpec(url=url, model=MODEL, concurrency=32, duration_s=seconds, events=16)
+    return LoadSpec(
+        url=url,
+        model=MODEL,
+        concurrency=plan.saturation_concurrency,
+        duration_s=seconds,
+        events=plan.burst_events,
+        interval_ms=0,
+    )
 
 
 async def profile_one(
@@ -120,15 +134,7 @@ async def profile_one(
     spy_path: str,
 ) -> Profile:
     async with fake_vllm(1) as (fake_url, _fake_pid):
-        probe = LoadSpec(url=fake_url, model=MODEL, events=1, interval_ms=0).request_bytes()
-        async with cs.start(
-            contender,
-            upstream=fake_url,
-            model=MODEL,
-            probe_request=probe,
-            workdir=workdir,
-            core=0,
-        ) as target:
+        async with in_front_of_fake(contender, fake_url, workdir=workdir, core=0) as target:
             await run_load(spec_for(target.url, scenario, 1.0))  # warm pools and caches
             out = workdir / f"{contender.name}.{scenario}.collapsed"
             # Sampling starts after the load and stops before it ends: every sample is

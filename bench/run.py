@@ -75,6 +75,21 @@ async def fake_vllm(core: int | None) -> AsyncIterator[tuple[str, int]]:
         await proc.communicate()
 
 
+def in_front_of_fake(
+    contender: cs.Contender, fake_url: str, *, workdir: Path, core: int | None
+) -> contextlib.AbstractAsyncContextManager[cs.Target]:
+    """`contender` started in front of the fake, once a one-event stream came through it."""
+    probe = LoadSpec(url=fake_url, model=MODEL, events=1, interval_ms=0).request_bytes()
+    return cs.start(
+        contender,
+        upstream=fake_url,
+        model=MODEL,
+        probe_request=probe,
+        workdir=workdir,
+        core=core,
+    )
+
+
 async def _wait_for_quiet(options: Options) -> tuple[tuple[float, float, float], float]:
     load = os.getloadavg()
     if options.max_load is None or load[0] <= options.max_load:
@@ -92,16 +107,10 @@ async def _one_contender(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Start one contender, run every scenario through it, stop it."""
     plan = options.plan.for_contender(reduced=contender.reduced)
-    probe = LoadSpec(url=fake_url, model=MODEL, events=1, interval_ms=0).request_bytes()
     figures: dict[str, Any] = {}
     raw: dict[str, Any] = {}
-    async with cs.start(
-        contender,
-        upstream=fake_url,
-        model=MODEL,
-        probe_request=probe,
-        workdir=workdir,
-        core=options.proxy_core,
+    async with in_front_of_fake(
+        contender, fake_url, workdir=workdir, core=options.proxy_core
     ) as target:
         bench = scenarios.Bench(
             target,

@@ -74,6 +74,27 @@ wait_for() {  # wait_for SECONDS CMD...: poll CMD every 0.2 s
     done
 }
 
+# sigterm_gateway RUN_PID SECONDS: SIGTERM the vllm-gateway process (with several workers,
+# the supervisor) under the `buildah run` RUN_PID, as a container runtime's stop would, and
+# wait for the run to end. On failure, says why in $stop_problem.
+stop_problem=
+sigterm_gateway() {
+    local pid target=
+    for pid in $(tree "$1"); do
+        if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == vllm-gateway ]]; then target=$pid; fi
+    done
+    if [[ -z $target ]]; then
+        stop_problem="process not found under buildah run ($1)"
+        return 1
+    fi
+    kill -TERM "$target"
+    run_gone() { ! kill -0 "$1" 2>/dev/null; }
+    if ! wait_for "$2" run_gone "$1"; then
+        stop_problem="still running $2 s after SIGTERM"
+        return 1
+    fi
+}
+
 # --- prerequisites ---------------------------------------------------------------------------
 if [[ $BASE == "$LOCAL_BASE" ]]; then
     docker/build-local-base.sh
@@ -214,21 +235,11 @@ else
 fi
 
 # --- stop ------------------------------------------------------------------------------------
-gateway_proc=
-for pid in $(tree "$gateway_pid"); do
-    if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == vllm-gateway ]]; then gateway_proc=$pid; fi
-done
-if [[ -n $gateway_proc ]]; then
-    kill -TERM "$gateway_proc"
-    gone() { ! kill -0 "$gateway_pid" 2>/dev/null; }
-    if wait_for 15 gone; then
-        pass "gateway exits on SIGTERM"
-        gateway_pid=
-    else
-        fail "gateway still running 15 s after SIGTERM"
-    fi
+if sigterm_gateway "$gateway_pid" 15; then
+    pass "gateway exits on SIGTERM"
+    gateway_pid=
 else
-    fail "gateway process not found under buildah run ($gateway_pid)"
+    fail "gateway: $stop_problem"
 fi
 
 # --- several workers -------------------------------------------------------------------------
@@ -253,17 +264,11 @@ if wait_for 30 all_ready; then
     else
         fail "GATEWAY_WORKERS=2: request-id prefixes seen: $(tr '\n' ' ' <"$tmp/prefixes.txt")"
     fi
-    supervisor=
-    for pid in $(tree "$workers_pid"); do
-        if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == vllm-gateway ]]; then supervisor=$pid; fi
-    done
-    kill -TERM "$supervisor"
-    workers_gone() { ! kill -0 "$workers_pid" 2>/dev/null; }
-    if wait_for 20 workers_gone; then
+    if sigterm_gateway "$workers_pid" 20; then
         pass "GATEWAY_WORKERS=2: supervisor and workers exit on SIGTERM"
         workers_pid=
     else
-        fail "GATEWAY_WORKERS=2: still running 20 s after SIGTERM"
+        fail "GATEWAY_WORKERS=2: $stop_problem"
     fi
 else
     fail "GATEWAY_WORKERS=2: not ready within 30 s; log:"

@@ -97,12 +97,20 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in "ZX"
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Poll what only /proc shows (no process tells of it) until it holds, or fail."""
-    deadline = asyncio.get_running_loop().time() + DEADLINE_S
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
+async def exited(pid: int) -> None:
+    """Until process `pid` has exited: its pidfd turns readable then (Linux 5.3+)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+    try:
+        await asyncio.wait_for(gone, DEADLINE_S)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 @asynccontextmanager
@@ -177,7 +185,7 @@ async def test_a_killed_worker_is_replaced_and_its_queued_connections_answered(
         assert len(before) == 2
         victim = min(before)
         os.kill(victim, signal.SIGKILL)
-        await until(lambda: not alive(victim))
+        await exited(victim)
 
         # About half of these land on the dead worker's socket, which the supervisor keeps
         # open: they wait in its queue for the replacement instead of being refused.
@@ -187,7 +195,9 @@ async def test_a_killed_worker_is_replaced_and_its_queued_connections_answered(
 
         statuses = await asyncio.gather(*(health() for _ in range(32)))
         assert statuses == [200] * 32
-        await until(lambda: len(gateway.workers()) == 2)
+        # The supervisor logs the restart once the replacement process exists.
+        await gateway.logs.wait_for(lambda lines: any(" restarted: pid " in line for line in lines))
+        assert len(gateway.workers()) == 2
         replacement = gateway.workers() - before
         assert len(replacement) == 1
         await gateway.logs.wait_for(lambda lines: replacement <= up_pids(lines))
@@ -230,4 +240,6 @@ async def test_workers_do_not_outlive_a_supervisor_killed_with_sigkill(
         assert len(workers) == 2
         gateway.process.kill()
         assert await gateway.process.wait() == -signal.SIGKILL
-        await until(lambda: not any(alive(pid) for pid in workers))
+        for pid in workers:
+            await exited(pid)
+        assert not any(alive(pid) for pid in workers)

@@ -137,6 +137,7 @@ class Forwarder:
             if response is not None:
                 # Back to the pool if the body was read to the end, else the connection closes.
                 response.release()
+                replica.inflight -= 1
 
     async def _open(
         self,
@@ -155,10 +156,15 @@ class Forwarder:
         while True:
             tried.append(replica)
             url = replica.url(path) if not query else replica.url_with_query(path, query)
+            replica.inflight += 1
             try:
                 with upstream_errors():
                     response = await session.post(url, data=body, headers=headers)
-            except UpstreamFailure as failure:
+            except BaseException as exc:
+                replica.inflight -= 1
+                if not isinstance(exc, UpstreamFailure):
+                    raise  # cancelled: the client left or the headers deadline passed
+                failure = exc
                 log.warning("%s %s: %r", replica.backend.url, path, failure.__context__)
                 if failure.stale:
                     # Not the replica's fault: its idle connection timed out under us.
@@ -177,6 +183,7 @@ class Forwarder:
                     registry.record_failure(replica)
                     log.warning("%s %s answered %d; retrying", replica.backend.url, path, status)
                     response.release()
+                    replica.inflight -= 1
                     replica = retry
                     continue
             if status >= 500:

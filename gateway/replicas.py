@@ -34,6 +34,7 @@ class Replica:
         "probing",
         "cards",
         "pinned",
+        "inflight",
         "_urls",
     )
 
@@ -53,6 +54,9 @@ class Replica:
         # Discovered from the server's /v1/models: id -> the server's own model card.
         self.cards: dict[str, ModelCard] = {}
         self.pinned = frozenset(pinned)
+        # Requests of this gateway on this replica now: from the upstream request being sent
+        # until its response is released (exchange.py keeps it; routing policies read it).
+        self.inflight = 0
         self._urls: dict[str, URL] = {}
 
     def serves(self, model: str) -> bool:
@@ -75,7 +79,7 @@ class Replica:
         models = ",".join(sorted(self.cards.keys() | self.pinned))
         return (
             f"<Replica {self.backend.url} [{state} | passes {self.passes}, fails {self.fails},"
-            f" strikes {self.strikes} | models {models or '-'}]>"
+            f" strikes {self.strikes} | in flight {self.inflight} | models {models or '-'}]>"
         )
 
 

@@ -19,6 +19,7 @@ from gateway.backends import Backend, BackendError, parse_backend_list, parse_mo
 PREFIX = "GATEWAY_"
 MIB = 1024 * 1024
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+LOG_FORMATS = ("text", "json")
 
 
 class SettingsError(ValueError):
@@ -159,7 +160,33 @@ VARIABLES: tuple[Variable, ...] = (
         "Seconds an idle pooled connection to a backend is kept. Keep it below the backend's own "
         "keep-alive (uvicorn, which serves vLLM, closes idle connections after 5 s).",
     ),
+    Variable(
+        "GATEWAY_STARTUP_WINDOW_S",
+        "1200",
+        "Seconds after startup during which an unknown model answers 503 (not yet) rather "
+        "than 404 while some backend has never answered: a large model can take many minutes "
+        "to load. Past it, unknown models answer 404 and the log names the backends that "
+        "never came up.",
+    ),
     Variable("GATEWAY_LOG_LEVEL", "info", "One of " + ", ".join(LOG_LEVELS) + "."),
+    Variable(
+        "GATEWAY_LOG_FORMAT",
+        "text",
+        "One of text, json: the format of every log line, the access log's included.",
+    ),
+    Variable(
+        "GATEWAY_ACCESS_LOG",
+        "on",
+        "on or off: one line per proxied request, written when it ends (a stream cut off by "
+        "its client or its backend included).",
+    ),
+    Variable(
+        "GATEWAY_METRICS_DIR",
+        "",
+        "With GATEWAY_WORKERS above 1: the directory where workers share their metrics, "
+        "emptied at startup (in Kubernetes, an in-memory emptyDir). Unset: a fresh directory "
+        "under the system's temporary directory.",
+    ),
 )
 
 _KNOWN = frozenset(variable.name for variable in VARIABLES)
@@ -192,7 +219,11 @@ class Settings:
     api_keys: frozenset[str] = frozenset()
     backend_api_key: str = ""
     upstream_keepalive_s: float = 4.0
+    startup_window_s: float = 1200.0
     log_level: str = "info"
+    log_format: str = "text"
+    access_log: bool = True
+    metrics_dir: str = ""
 
     @property
     def all_backends(self) -> tuple[Backend, ...]:
@@ -252,7 +283,11 @@ class Settings:
             "api_keys": cast("GATEWAY_API_KEYS", _api_keys),
             "backend_api_key": cast("GATEWAY_BACKEND_API_KEY", _header_value),
             "upstream_keepalive_s": cast("GATEWAY_UPSTREAM_KEEPALIVE_S", _positive_seconds),
+            "startup_window_s": cast("GATEWAY_STARTUP_WINDOW_S", _positive_seconds),
             "log_level": cast("GATEWAY_LOG_LEVEL", _log_level),
+            "log_format": cast("GATEWAY_LOG_FORMAT", _log_format),
+            "access_log": cast("GATEWAY_ACCESS_LOG", _on_off),
+            "metrics_dir": values["GATEWAY_METRICS_DIR"].strip(),
         }
         if problems:
             raise SettingsError(problems)
@@ -350,3 +385,19 @@ def _log_level(raw: str) -> str:
     if level not in LOG_LEVELS:
         raise ValueError("must be one of " + ", ".join(LOG_LEVELS))
     return level
+
+
+def _log_format(raw: str) -> str:
+    form = raw.lower()
+    if form not in LOG_FORMATS:
+        raise ValueError("must be one of " + ", ".join(LOG_FORMATS))
+    return form
+
+
+def _on_off(raw: str) -> bool:
+    word = raw.lower()
+    if word in ("on", "true", "1", "yes"):
+        return True
+    if word in ("off", "false", "0", "no"):
+        return False
+    raise ValueError("must be on or off")

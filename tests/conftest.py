@@ -65,6 +65,8 @@ async def gateway_on_free_port(settings: Settings) -> AsyncIterator[RunningGatew
             # Every test leaves nothing in flight: no request is lost or leaked.
             await asyncio.wait_for(parts.proxy.inflight.wait_idle(), 5)
             assert parts.proxy.inflight.count == 0
+            leaked = [r for r in parts.registry.replicas if r.inflight != 0]
+            assert not leaked, f"in-flight counts leaked: {leaked}"
         finally:
             stop.set()
             await server

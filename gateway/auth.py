@@ -6,31 +6,28 @@ import hmac
 from collections.abc import Iterable
 
 from gateway.errors import Unauthorized
-from gateway.types import ASGIApp, Receive, Scope, Send
+from gateway.types import Scope
 
 # Load balancers and Kubernetes probe these without credentials.
 OPEN_PATHS = frozenset({"/health", "/ready"})
 
 
-class RequireApiKey:
-    """ASGI middleware: refuses with OpenAI's 401 unless a configured key is presented."""
+class ApiKeys:
+    """The configured keys, and the check every route but the probes goes through."""
 
-    __slots__ = ("_app", "_keys")
+    __slots__ = ("_keys",)
 
-    def __init__(self, app: ASGIApp, keys: Iterable[str]) -> None:
-        self._app = app
+    def __init__(self, keys: Iterable[str]) -> None:
         self._keys = tuple(key.encode() for key in keys)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._accepts(scope):
-            await self._app(scope, receive, send)
-            return
-        await Unauthorized(
+    @staticmethod
+    def refusal() -> Unauthorized:
+        return Unauthorized(
             "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
             headers=((b"www-authenticate", b"Bearer"),),
-        ).send_to(send)
+        )
 
-    def _accepts(self, scope: Scope) -> bool:
+    def accepts(self, scope: Scope) -> bool:
         for name, value in scope["headers"]:
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")
@@ -44,3 +41,6 @@ class RequireApiKey:
                     matched |= hmac.compare_digest(token, key)
                 return matched
         return False
+
+    def __repr__(self) -> str:
+        return f"<ApiKeys [{len(self._keys)} keys]>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from yarl import URL
@@ -24,6 +25,30 @@ class Backend:
     def endpoint(self, path: str) -> URL:
         """The absolute URL of `path` (which starts with "/") on this server, built once."""
         return URL(self.url + path, encoded=True)
+
+    @property
+    def address(self) -> str | None:
+        """The host when it is an IP address, or for https (whose certificate names the host):
+        None when it is a name that stands for every address it resolves to."""
+        base = self.base
+        host = base.raw_host or ""
+        if base.scheme == "https":
+            return host
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        return host
+
+    @property
+    def port(self) -> int:
+        return self.base.port or 80
+
+    def at(self, address: str) -> Backend:
+        """This backend with its host name replaced by one of the addresses it resolves to."""
+        base = self.base
+        host = f"[{address}]" if ":" in address else address
+        return Backend(f"{base.scheme}://{host}:{self.port}{base.path.rstrip('/')}")
 
 
 def parse_backend(raw: str) -> Backend:

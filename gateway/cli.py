@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import uvloop
 
 from gateway import __version__
-from gateway.logs import configure_logging
+from gateway.logs import LineWriter, configure_logging
 from gateway.server import serve
 from gateway.settings import Settings, SettingsError, help_text
 from gateway.workers import supervise
@@ -37,7 +37,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except SettingsError as exc:
         print(f"vllm-gateway: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, with_pid=settings.workers > 1)
+    # The supervisor of several workers serves nothing: it logs straight to stderr.
+    writer = LineWriter() if settings.workers == 1 else None
+    configure_logging(
+        settings.log_level,
+        with_pid=settings.workers > 1,
+        form=settings.log_format,
+        writer=writer,
+    )
     logging.getLogger("gateway").info(
         "vllm-gateway %s on %s:%d, %d backends, %d %s",
         __version__,
@@ -49,9 +56,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     )
     # Before any worker starts: they inherit the limit.
     _raise_open_file_limit()
-    if settings.workers > 1:
+    if writer is None:
         return supervise(settings)
-    uvloop.run(serve(settings))
+    try:
+        uvloop.run(serve(settings, writer=writer))
+    finally:
+        writer.close()
     return 0
 
 

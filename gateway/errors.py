@@ -103,12 +103,16 @@ class ShuttingDown(GatewayError):
 class UpstreamFailure(GatewayError):
     """No answer from a backend. `retryable`: safe to try another replica; `stale`: the
     backend closed a pooled connection without answering (the keep-alive race), so even the
-    same replica may be tried again on a fresh connection."""
+    same replica may be tried again on a fresh connection. `kind`, for the metrics: connect,
+    timeout, reset or protocol."""
 
-    def __init__(self, message: str, *, retryable: bool, stale: bool = False) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool, stale: bool = False, kind: str = "connect"
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.stale = stale
+        self.kind = kind
 
 
 class UpstreamUnreachable(UpstreamFailure):

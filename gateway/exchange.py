@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 
 import aiohttp
 import orjson
@@ -23,6 +24,14 @@ import orjson
 from gateway.errors import GatewayError, UpstreamFailure, UpstreamTimeout
 from gateway.guard import RequestGuard
 from gateway.headers import request_headers, response_headers
+from gateway.metrics import Metrics
+from gateway.observe import (
+    CLIENT_CLOSED,
+    CLIENT_TIMEOUT,
+    TIMEOUT,
+    UPSTREAM_ERROR,
+    RequestRecord,
+)
 from gateway.replicas import Registry, Replica
 from gateway.types import Receive, Scope, Send
 from gateway.upstream import upstream_errors
@@ -71,6 +80,7 @@ class Forwarder:
         "_registry",
         "_session",
         "_fresh_session",
+        "_metrics",
         "_retries",
         "_headers_timeout_s",
         "_idle_timeout_s",
@@ -84,6 +94,7 @@ class Forwarder:
         session: aiohttp.ClientSession,
         *,
         fresh_session: aiohttp.ClientSession,
+        metrics: Metrics,
         retries: int,
         headers_timeout_s: float,
         idle_timeout_s: float,
@@ -91,6 +102,7 @@ class Forwarder:
         self._registry = registry
         self._session = session
         self._fresh_session = fresh_session
+        self._metrics = metrics
         self._retries = retries
         self._headers_timeout_s = headers_timeout_s
         self._idle_timeout_s = idle_timeout_s
@@ -99,9 +111,15 @@ class Forwarder:
         self._ids = itertools.count(1)
 
     async def forward(
-        self, scope: Scope, receive: Receive, send: Send, model: str, replica: Replica, body: bytes
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        record: RequestRecord,
+        replica: Replica,
+        body: bytes,
     ) -> None:
-        headers, request_id = request_headers(
+        headers, record.request_id = request_headers(
             scope["headers"], f"{self._id_prefix}{next(self._ids)}"
         )
         guard = RequestGuard(
@@ -112,12 +130,14 @@ class Forwarder:
         response: aiohttp.ClientResponse | None = None
         try:
             try:
-                response, replica = await self._open(scope, model, replica, body, headers)
+                response, replica = await self._open(scope, record, replica, body, headers)
             except GatewayError as error:
                 guard.finish()
+                record.status = error.status
+                record.outcome = TIMEOUT if isinstance(error, UpstreamTimeout) else UPSTREAM_ERROR
                 await error.send_to(send)
                 return
-            await self._relay(response, send, guard, replica, request_id)
+            await self._relay(response, send, guard, replica, record)
         except asyncio.CancelledError:
             if not guard.tripped:
                 raise
@@ -126,12 +146,25 @@ class Forwarder:
             # aiohttp has already closed it if the response had not started.
             if response is not None:
                 response.close()
-            if guard.expired and response is None:
-                log.warning("no response headers from %s in time", replica.backend.url)
+            if guard.slow_client:
+                # The client's fault, not the replica's: no strike, its own outcome.
+                log.warning(
+                    "client %s took no data for %g s: cut off (request %s)",
+                    record.client,
+                    self._idle_timeout_s,
+                    record.request_id,
+                )
+                record.outcome = CLIENT_TIMEOUT
+            elif guard.gone:
+                record.outcome = CLIENT_CLOSED
+            elif response is None:
+                log.warning("no response headers from %s in time", record.replica)
+                self._metrics.upstream_error("timeout")
                 guard.finish()
-                await UpstreamTimeout(
-                    "The model server did not answer in time.", retryable=False
-                ).send_to(send)
+                late = UpstreamTimeout("The model server did not answer in time.", retryable=False)
+                record.status = late.status
+                record.outcome = TIMEOUT
+                await late.send_to(send)
         finally:
             guard.close()
             if response is not None:
@@ -142,7 +175,7 @@ class Forwarder:
     async def _open(
         self,
         scope: Scope,
-        model: str,
+        record: RequestRecord,
         replica: Replica,
         body: bytes,
         headers: list[tuple[str, str]],
@@ -150,11 +183,15 @@ class Forwarder:
         """The first usable response, retrying on other replicas while that is safe."""
         path = scope["path"]
         query = scope["query_string"]
+        model = record.model
         registry = self._registry
+        metrics = self._metrics
         tried: list[Replica] = []
         session = self._session
         while True:
             tried.append(replica)
+            record.replica = replica.backend.url
+            record.attempts += 1
             url = replica.url(path) if not query else replica.url_with_query(path, query)
             replica.inflight += 1
             try:
@@ -166,6 +203,7 @@ class Forwarder:
                     raise  # cancelled: the client left or the headers deadline passed
                 failure = exc
                 log.warning("%s %s: %r", replica.backend.url, path, failure.__context__)
+                metrics.upstream_error(failure.kind)
                 if failure.stale:
                     # Not the replica's fault: its idle connection timed out under us.
                     session = self._fresh_session
@@ -174,14 +212,18 @@ class Forwarder:
                 retry = self._retry_target(model, tried, failure) if failure.retryable else None
                 if retry is None:
                     raise
+                metrics.retry(failure.kind)
                 replica = retry
                 continue
             status = response.status
+            if status >= 500:
+                metrics.upstream_error("5xx")
             if status in RETRY_STATUSES and len(tried) <= self._retries:
                 retry = registry.pick_another(model, tried)
                 if retry is not None:
                     registry.record_failure(replica)
                     log.warning("%s %s answered %d; retrying", replica.backend.url, path, status)
+                    metrics.retry(str(status))
                     response.release()
                     replica.inflight -= 1
                     replica = retry
@@ -209,18 +251,22 @@ class Forwarder:
         send: Send,
         guard: RequestGuard,
         replica: Replica,
-        request_id: str,
+        record: RequestRecord,
     ) -> None:
-        headers, streaming = response_headers(response.raw_headers, request_id)
+        headers, streaming = response_headers(response.raw_headers, record.request_id)
+        record.status = status = response.status
+        record.stream = streaming
         guard.streaming()
         clock = asyncio.get_running_loop().time
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         content = response.content
         pending = b""
+        sent = 0
         try:
             while True:
                 # Silence is timed from here: a client slow to take our last send is not
-                # the backend's silence.
+                # the backend's silence (the guard judges that time apart, as the client's).
+                guard.sending = 0.0
                 guard.last = clock()
                 try:
                     chunk = await content.readany()
@@ -228,7 +274,12 @@ class Forwarder:
                     # Only the backend's side: a failure to send to the client is not
                     # the replica's fault.
                     log.warning("%s broke off a response: %r", replica.backend.url, exc)
+                    self._metrics.upstream_error(
+                        "protocol" if isinstance(exc, aiohttp.ClientPayloadError) else "reset"
+                    )
                     self._registry.record_failure(replica)
+                    record.outcome = UPSTREAM_ERROR
+                    record.bytes_out = sent
                     await self._break_off(send, guard, BROKEN_EVENT if streaming else b"")
                     return
                 if not chunk:
@@ -241,19 +292,32 @@ class Forwarder:
                     if not end:
                         continue
                     chunk = chunk[:end]
+                if not sent:
+                    record.first_byte = time.monotonic()
+                sent += len(chunk)
+                guard.sending = clock()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except asyncio.CancelledError:
+            record.bytes_out = sent
             if not guard.expired:
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             log.warning("%s was silent past the idle timeout", replica.backend.url)
+            self._metrics.upstream_error("timeout")
+            record.outcome = TIMEOUT
             response.close()
             await self._break_off(send, guard, SILENT_EVENT if streaming else b"")
             return
         guard.finish()
         if pending:
             # The stream ended cleanly on a partial event: pass it on as the backend sent it.
+            if not sent:
+                record.first_byte = time.monotonic()
+            sent += len(pending)
             await send({"type": "http.response.body", "body": pending, "more_body": True})
+        record.bytes_out = sent
+        if status >= 500:
+            record.outcome = UPSTREAM_ERROR
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod

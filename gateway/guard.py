@@ -1,4 +1,4 @@
-"""The watchman beside each forwarded request: client departure and upstream timeouts.
+"""The watchman beside each forwarded request: client departure, slow clients and timeouts.
 
 Both end the request the same way, by cancelling its task, so the forwarding code has one
 place to clean up: close the upstream connection, which is what makes vLLM abort.
@@ -23,7 +23,9 @@ class RequestGuard:
     __slots__ = (
         "gone",
         "expired",
+        "slow_client",
         "last",
+        "sending",
         "_done",
         "_loop",
         "_task",
@@ -38,6 +40,10 @@ class RequestGuard:
     ) -> None:
         self.gone = False
         self.expired = False
+        self.slow_client = False
+        # When the send to the client now blocked began (loop clock), 0.0 when not sending:
+        # that time is the client's, judged by the same idle limit but never the backend's.
+        self.sending = 0.0
         self._done = False
         loop = self._loop = asyncio.get_running_loop()
         task = asyncio.current_task()
@@ -56,7 +62,7 @@ class RequestGuard:
 
     @property
     def tripped(self) -> bool:
-        return self.gone or self.expired
+        return self.gone or self.expired or self.slow_client
 
     def streaming(self) -> None:
         """Headers are in: from now on only silence between chunks counts."""
@@ -85,11 +91,15 @@ class RequestGuard:
             self._task.cancel()
 
     def _check(self) -> None:
-        due = self._headers_due or self.last + self._idle_s
+        sending = self.sending
+        due = sending + self._idle_s if sending else self._headers_due or self.last + self._idle_s
         if self._loop.time() < due:
             self._timer = self._loop.call_at(due, self._check)
             return
         self._timer = None
         if not self._done and not self.tripped:
-            self.expired = True
+            if sending:
+                self.slow_client = True
+            else:
+                self.expired = True
             self._task.cancel()

@@ -1,16 +1,37 @@
-"""Active health checks: every backend, every interval, on the gateway's own loop and session."""
+"""Active health checks: every backend, every interval, on the gateway's own loop and session.
+
+Each round first resolves the backends configured by host name (DNS discovery), then checks
+every replica. The resolver is passed in: tests give one they control.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import orjson
 
+from gateway.backends import Backend
+from gateway.metrics import Metrics
 from gateway.replicas import ModelCard, Registry, Replica
 
 log = logging.getLogger("gateway.health")
+
+# host, port -> the addresses the name stands for now.
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    """Every address of `host`: IPv4 when it has any (a dual-stack pod would otherwise be
+    two replicas), else IPv6."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    v4 = [str(info[4][0]) for info in infos if info[0] == socket.AF_INET]
+    v6 = [str(info[4][0]) for info in infos if info[0] == socket.AF_INET6]
+    return list(dict.fromkeys(v4 or v6))
 
 
 class HealthChecker:
@@ -21,7 +42,17 @@ class HealthChecker:
     state to record, not an error of the checker.
     """
 
-    __slots__ = ("_registry", "_session", "_interval_s", "_timeout_s", "_rounds", "_round_done")
+    __slots__ = (
+        "_registry",
+        "_session",
+        "_interval_s",
+        "_timeout_s",
+        "_metrics",
+        "_on_round",
+        "_resolve",
+        "_rounds",
+        "_round_done",
+    )
 
     def __init__(
         self,
@@ -30,11 +61,17 @@ class HealthChecker:
         *,
         interval_s: float,
         timeout_s: float,
+        metrics: Metrics,
+        on_round: Callable[[], None] = lambda: None,
+        resolve: Resolver = resolve_host,
     ) -> None:
         self._registry = registry
         self._session = session
         self._interval_s = interval_s
         self._timeout_s = timeout_s
+        self._metrics = metrics
+        self._on_round = on_round
+        self._resolve = resolve
         self._rounds = 0
         self._round_done = asyncio.Condition()
 
@@ -44,7 +81,19 @@ class HealthChecker:
             await asyncio.sleep(self._interval_s)
 
     async def check_all(self) -> None:
-        await asyncio.gather(*(self._check(replica) for replica in self._registry.replicas))
+        registry = self._registry
+        names = registry.names_to_resolve()
+        if names:
+            await asyncio.gather(*(self._discover(source) for source in names))
+        await asyncio.gather(*(self._check(replica) for replica in registry.replicas))
+        silent = registry.startup_window_closed()
+        if silent:
+            log.warning(
+                "startup window over: %s never answered a health check; unknown models now "
+                "answer 404",
+                ", ".join(silent),
+            )
+        self._on_round()
         async with self._round_done:
             self._rounds += 1
             self._round_done.notify_all()
@@ -55,6 +104,28 @@ class HealthChecker:
             target = self._rounds + count
             await self._round_done.wait_for(lambda: self._rounds >= target)
 
+    async def _discover(self, source: Backend) -> None:
+        host = source.base.raw_host or ""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                addresses = await self._resolve(host, source.port)
+        except (OSError, TimeoutError) as exc:
+            # Keep the replicas of the last answer: a DNS hiccup is not a vanished backend.
+            log.warning("cannot resolve %s: %r", host, exc)
+            return
+        if addresses:
+            before = {replica.backend.url for replica in self._registry.replicas}
+            self._registry.set_addresses(source, addresses)
+            after = {replica.backend.url for replica in self._registry.replicas}
+            if before != after:
+                log.info(
+                    "%s resolves to %s (joined: %s; left: %s)",
+                    source.url,
+                    ", ".join(addresses),
+                    ", ".join(sorted(after - before)) or "-",
+                    ", ".join(sorted(before - after)) or "-",
+                )
+
     async def _check(self, replica: Replica) -> None:
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -62,11 +133,13 @@ class HealthChecker:
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             if replica.healthy or not replica.ever_up:
                 log.debug("health check of %s failed: %r", replica.backend.url, exc)
+            self._metrics.health_check(False)
             was_up = replica.healthy
             self._registry.record_fail(replica)
             if was_up and not replica.healthy:
                 log.warning("backend %s is down: %r", replica.backend.url, exc)
             return
+        self._metrics.health_check(True)
         was_up = replica.healthy
         self._registry.record_pass(replica, cards)
         if replica.healthy and not was_up:

@@ -1,17 +1,186 @@
-"""The log format, set up the same way by the command and by each of its worker processes."""
+"""Log output: every line, the access log's included, goes through one writer thread.
+
+The event loop never writes to stdout or stderr itself: a slow reader of the container's
+output (a full pipe, a stalled log shipper) would stop every stream the gateway serves. Lines
+go into a bounded queue that a thread drains; past the cap, lines are dropped and counted.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+STDOUT = 1
+STDERR = 2
+# Lines waiting for the writer, at most; about 4 MiB of access lines.
+QUEUE_CAP = 16384
+# How often the writer wakes to write what has queued: no per-line signalling cost on the
+# loop's side, at most this much delay before a line shows.
+FLUSH_INTERVAL_S = 0.05
+# A pipe write up to PIPE_BUF bytes is atomic: lines of several workers sharing one stderr
+# never interleave mid-line.
+PIPE_BUF = 4096
+
+Render = Callable[[Any], bytes]
 
 
-def configure_logging(level: str, *, with_pid: bool) -> None:
-    """Log to stderr at `level`; `with_pid` tags each line with the process that wrote it.
+class LineWriter:
+    """A thread that writes queued lines to their file descriptors, never blocking `put`."""
 
-    With several workers their lines interleave on one stderr: the pid says whose each one is.
+    __slots__ = ("_queue", "_cap", "dropped", "_wake", "_lock", "_thread", "_closed")
+
+    def __init__(self, *, cap: int = QUEUE_CAP) -> None:
+        self._queue: deque[tuple[int, Render, Any]] = deque()
+        self._cap = cap
+        self.dropped = 0
+        self._wake = threading.Event()
+        # Held while lines are taken and written, so that an explicit `flush` and the
+        # thread never write parts of the queue out of order.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, fd: int, render: Render, item: Any) -> None:
+        """Queue `render(item)` for `fd`; the rendering, too, happens on the writer's thread."""
+        if len(self._queue) >= self._cap:
+            self.dropped += 1
+            return
+        self._queue.append((fd, render, item))
+
+    def flush(self) -> None:
+        """Write everything queued so far, on the caller's thread, before returning."""
+        self._flush()
+
+    def close(self) -> None:
+        """Write what is queued and stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(FLUSH_INTERVAL_S)
+            self._flush()
+        self._flush()
+
+    def _flush(self) -> None:
+        with self._lock:
+            queue = self._queue
+            pending: dict[int, list[bytes]] = {}
+            while queue:
+                fd, render, item = queue.popleft()
+                try:
+                    line = render(item)
+                except Exception as exc:  # a line that cannot be rendered must not stop the log
+                    line = f"log line could not be rendered: {exc!r}\n".encode()
+                pending.setdefault(fd, []).append(line)
+            for fd, lines in pending.items():
+                _write_lines(fd, lines)
+
+    def __repr__(self) -> str:
+        return f"<LineWriter [{len(self._queue)} queued, {self.dropped} dropped]>"
+
+
+def _write_lines(fd: int, lines: list[bytes]) -> None:
+    batch = b""
+    for line in lines:
+        if batch and len(batch) + len(line) > PIPE_BUF:
+            _write_all(fd, batch)
+            batch = b""
+        batch += line
+    if batch:
+        _write_all(fd, batch)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except InterruptedError:
+            continue
+        except OSError:
+            return  # the reader is gone: nothing to write to
+        view = view[written:]
+
+
+def timestamp(wall: float) -> str:
+    """ISO 8601 in UTC with milliseconds, as log collectors parse it."""
+    seconds = int(wall)
+    millis = int((wall - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, *, with_pid: bool) -> None:
+        origin = "%(name)s[%(process)d]" if with_pid else "%(name)s"
+        super().__init__(f"%(asctime)s %(levelname)s {origin}: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        return timestamp(record.created)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, pid, message (and the exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": timestamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line).decode()
+
+
+class WriterHandler(logging.Handler):
+    """Formats on the caller's thread (log records are rare) and hands the line to the writer."""
+
+    def __init__(self, writer: LineWriter, fd: int = STDERR) -> None:
+        super().__init__()
+        self._writer = writer
+        self._fd = fd
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record).encode("utf-8", "replace") + b"\n"
+        except Exception:
+            self.handleError(record)
+            return
+        self._writer.put(self._fd, bytes, line)
+
+
+def configure_logging(
+    level: str, *, with_pid: bool, form: str = "text", writer: LineWriter | None = None
+) -> None:
+    """Log at `level` in `form` (text or json); `with_pid` tags text lines with their process.
+
+    With a `writer`, lines go through its thread; without one (the supervisor of several
+    workers, which serves nothing), straight to stderr.
     """
-    origin = "%(name)s[%(process)d]" if with_pid else "%(name)s"
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s {origin}: %(message)s",
+    formatter: logging.Formatter = (
+        JsonFormatter() if form == "json" else TextFormatter(with_pid=with_pid)
     )
+    handler: logging.Handler = (
+        WriterHandler(writer) if writer is not None else logging.StreamHandler(sys.stderr)
+    )
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())

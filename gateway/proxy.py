@@ -19,6 +19,7 @@ from gateway.errors import (
     TooManyRequests,
 )
 from gateway.exchange import Forwarder
+from gateway.observe import CLIENT_CLOSED, REJECTED, Observer, RequestRecord, client_address
 from gateway.replicas import Registry
 from gateway.types import Receive, Scope, Send
 
@@ -37,6 +38,7 @@ PROXIED_PATHS = (
 )
 
 _ALLOW_POST = ((b"allow", b"POST"),)
+_CLOSE = ((b"connection", b"close"),)
 
 
 class ClientGone(Exception):
@@ -93,17 +95,30 @@ class Inflight:
 
 async def read_body(scope: Scope, receive: Receive, *, limit: int, timeout_s: float) -> bytes:
     """The whole request body, refusing more than `limit` bytes without reading on."""
+    declared = -1
+    chunked = False
     for name, value in scope["headers"]:
         if name == b"content-length":
             try:
                 declared = int(value)
             except ValueError:
                 raise BodyRefused(
-                    BadRequest("The Content-Length header is not a number.")
+                    BadRequest("The Content-Length header is not a number.", headers=_CLOSE)
                 ) from None
             if declared > limit:
                 raise BodyRefused(_too_large(limit))
-            break
+        elif name == b"transfer-encoding":
+            chunked = True
+    if chunked and declared >= 0:
+        # RFC 9112 6.1 lets a server pick either framing; a proxy in front that picked the
+        # other one would see a different request boundary (request smuggling). Refuse, and
+        # close the connection: what follows on it cannot be trusted to start a request.
+        raise BodyRefused(
+            BadRequest(
+                "A request may not carry both Content-Length and Transfer-Encoding.",
+                headers=_CLOSE,
+            )
+        )
     message = await receive()
     if message["type"] == "http.disconnect":
         raise ClientGone
@@ -177,49 +192,78 @@ def model_of(body: bytes) -> str:
 class Proxy:
     """The ASGI app behind every proxied route."""
 
-    __slots__ = ("_registry", "_forwarder", "_max_body_bytes", "_body_timeout_s", "inflight")
+    __slots__ = (
+        "_registry",
+        "_forwarder",
+        "_observer",
+        "_max_body_bytes",
+        "_body_timeout_s",
+        "inflight",
+    )
 
     def __init__(
         self,
         registry: Registry,
         forwarder: Forwarder,
         *,
+        observer: Observer,
         inflight: Inflight,
         max_body_bytes: int,
         body_timeout_s: float,
     ) -> None:
         self._registry = registry
         self._forwarder = forwarder
+        self._observer = observer
         self._max_body_bytes = max_body_bytes
         self._body_timeout_s = body_timeout_s
         self.inflight = inflight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        record = RequestRecord(
+            scope["method"], scope["path"], client_address(scope), self._observer.clock()
+        )
+        try:
+            await self._handle(scope, receive, send, record)
+        finally:
+            self._observer.done(record)
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, record: RequestRecord
+    ) -> None:
         if scope["method"] != "POST":
-            error = MethodNotAllowed(f"{scope['path']} takes POST.", headers=_ALLOW_POST)
-            await error.send_to(send)
+            await self._refuse(
+                MethodNotAllowed(f"{scope['path']} takes POST.", headers=_ALLOW_POST), send, record
+            )
             return
         try:
             body = await read_body(
                 scope, receive, limit=self._max_body_bytes, timeout_s=self._body_timeout_s
             )
-            model = model_of(body)
+            record.bytes_in = len(body)
+            record.model = model_of(body)
             self.inflight.admit()
         except ClientGone:
+            record.outcome = CLIENT_CLOSED
             return
         except BodyRefused as refused:
-            await refused.error.send_to(send)
+            await self._refuse(refused.error, send, record)
             await _discard_body(receive)
             return
         except GatewayError as error:
-            await error.send_to(send)
+            await self._refuse(error, send, record)
             return
         try:
             try:
-                replica = self._registry.pick(model)
+                replica = self._registry.pick(record.model)
             except GatewayError as error:
-                await error.send_to(send)
+                await self._refuse(error, send, record)
                 return
-            await self._forwarder.forward(scope, receive, send, model, replica, body)
+            await self._forwarder.forward(scope, receive, send, record, replica, body)
         finally:
             self.inflight.leave()
+
+    @staticmethod
+    async def _refuse(error: GatewayError, send: Send, record: RequestRecord) -> None:
+        record.status = error.status
+        record.outcome = REJECTED
+        await error.send_to(send)

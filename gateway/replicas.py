@@ -126,10 +126,19 @@ class ModelRoute:
 
 
 class Registry:
-    """Every replica, the routing table built from them, and the merged /v1/models answer."""
+    """Every replica, the routing table built from them, and the merged /v1/models answer.
+
+    A configured backend whose host is a name (http only: an https name is kept for its
+    certificate) stands for every address the name resolves to, one replica each: a headless
+    Kubernetes Service lists a StatefulSet's pods that way. `set_addresses` applies each new
+    resolution: a new address is a new replica, joining through its health checks; a vanished
+    one leaves the routes at once, while its requests in flight finish on the object they hold.
+    """
 
     __slots__ = (
         "replicas",
+        "_sources",
+        "_pins",
         "_fall",
         "_rise",
         "_eject_after",
@@ -139,6 +148,9 @@ class Registry:
         "_routes",
         "_models_body",
         "_created",
+        "_started",
+        "_startup_window_s",
+        "_window_reported",
     )
 
     def __init__(
@@ -152,6 +164,7 @@ class Registry:
         eject_after: int = 5,
         eject_base_s: float = 30.0,
         eject_max_s: float = 300.0,
+        startup_window_s: float = 1200.0,
     ) -> None:
         pins: dict[str, set[str]] = {}
         for model, model_backends in pinned.items():
@@ -161,9 +174,16 @@ class Registry:
         for model_backends in pinned.values():
             for backend in model_backends:
                 ordered.setdefault(backend.url, backend)
-        self.replicas = tuple(
-            Replica(backend, pinned=pins.get(url, ())) for url, backend in ordered.items()
-        )
+        self._pins = {url: frozenset(models) for url, models in pins.items()}
+        # Configured backend URL -> its replicas: one for an address, those of the last
+        # resolution for a name (none before the first).
+        self._sources: dict[str, list[Replica]] = {}
+        self.replicas: tuple[Replica, ...] = ()
+        for url, backend in ordered.items():
+            static = backend.address is not None
+            self._sources[url] = (
+                [Replica(backend, pinned=self._pins.get(url, ()))] if static else []
+            )
         self._fall = fall
         self._rise = rise
         self._eject_after = eject_after
@@ -171,17 +191,66 @@ class Registry:
         self._eject_max_s = eject_max_s
         self._retry_after = ((b"retry-after", str(retry_after_s).encode()),)
         self._created = int(time.time())
+        self._started = time.monotonic()
+        self._startup_window_s = startup_window_s
+        self._window_reported = False
         self._routes: dict[str, ModelRoute] = {}
         self._models_body = b""
         self._rebuild()
+
+    def names_to_resolve(self) -> list[Backend]:
+        """The configured backends whose host is a name to resolve (each health round)."""
+        return [
+            Backend(url) for url, replicas in self._sources.items() if Backend(url).address is None
+        ]
+
+    def set_addresses(self, source: Backend, addresses: Iterable[str]) -> None:
+        """The addresses `source`'s name resolves to now: add and remove replicas to match."""
+        current = self._sources.get(source.url)
+        if current is None:
+            return
+        by_url = {replica.backend.url: replica for replica in current}
+        fresh: list[Replica] = []
+        for address in dict.fromkeys(addresses):
+            backend = source.at(address)
+            replica = by_url.get(backend.url)
+            if replica is None:
+                replica = Replica(backend, pinned=self._pins.get(source.url, ()))
+            fresh.append(replica)
+        if [r.backend.url for r in fresh] == [r.backend.url for r in current]:
+            return
+        self._sources[source.url] = fresh
+        self._rebuild()
+
+    def never_answered(self) -> list[str]:
+        """Backends (as configured) of which no replica has passed a health check yet."""
+        return [
+            url
+            for url, replicas in self._sources.items()
+            if not any(replica.ever_up for replica in replicas)
+        ]
+
+    def in_startup_window(self) -> bool:
+        return time.monotonic() - self._started < self._startup_window_s
+
+    def startup_window_closed(self) -> list[str]:
+        """Once, when the startup window has just closed: the backends never heard from."""
+        if self._window_reported or self.in_startup_window():
+            return []
+        self._window_reported = True
+        return self.never_answered()
+
+    def knows(self, model: str) -> bool:
+        return model in self._routes
 
     def pick(self, model: str) -> Replica:
         """The replica to send a request for `model` to, or the error to answer."""
         route = self._routes.get(model)
         if route is None:
-            if any(not replica.ever_up for replica in self.replicas):
+            if self.in_startup_window() and self.never_answered():
                 # A server that has never answered may be the one serving this model (vLLM
-                # takes minutes to load), so say "not yet" rather than "no such model".
+                # takes minutes to load), so say "not yet" rather than "no such model"; past
+                # the window, a backend still silent is more likely a typo than a slow load.
                 raise NoHealthyReplica(
                     f"The model `{model}` is not available yet: some backends have not come up.",
                     headers=self._retry_after,
@@ -252,6 +321,9 @@ class Registry:
         return self._models_body
 
     def _rebuild(self) -> None:
+        self.replicas = tuple(
+            replica for replicas in self._sources.values() for replica in replicas
+        )
         # A down replica keeps the models it last listed, so its models stay known (503, not
         # 404) while it restarts; a healthy one that stops listing a model (a LoRA adapter
         # unloaded) stops getting it at once.

@@ -14,12 +14,17 @@ from dataclasses import dataclass
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 
+from gateway.accesslog import AccessLog
 from gateway.app import build_app
 from gateway.exchange import Forwarder
-from gateway.health import HealthChecker
-from gateway.proxy import Inflight, Proxy
+from gateway.health import HealthChecker, Resolver, resolve_host
+from gateway.logs import LineWriter
+from gateway.metrics import Metrics
+from gateway.observe import Observer
+from gateway.proxy import PROXIED_PATHS, Inflight, Proxy
 from gateway.replicas import Registry
 from gateway.settings import Settings
+from gateway.status import replicas_view
 from gateway.types import ASGIApp
 from gateway.upstream import create_session
 
@@ -30,6 +35,9 @@ log = logging.getLogger("gateway.server")
 # SYNs and each retries after a second. The kernel caps this at net.core.somaxconn.
 LISTEN_BACKLOG = 4096
 
+# The `route` label of the metrics: every path the gateway answers itself or proxies.
+ROUTES = (*PROXIED_PATHS, "/v1/models", "/health", "/ready", "/metrics", "/replicas")
+
 
 @dataclass(frozen=True)
 class Gateway:
@@ -39,15 +47,28 @@ class Gateway:
     registry: Registry
     health: HealthChecker
     proxy: Proxy
+    metrics: Metrics
+    writer: LineWriter
 
 
 @asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Gateway]:
+async def running(
+    settings: Settings,
+    *,
+    writer: LineWriter | None = None,
+    metrics_dir: str = "",
+    resolve: Resolver = resolve_host,
+) -> AsyncIterator[Gateway]:
     """The gateway with its session open and its health checks running on this loop.
 
     Startup does not wait for any backend: vLLM takes minutes to load, and a model whose
-    servers are not up yet answers 503 until they are.
+    servers are not up yet answers 503 until they are (for `startup_window_s` at most).
+    `writer` carries the access log (one is made if none is given); `metrics_dir` is the
+    multi-process metrics directory of a worker among several; `resolve` turns backend host
+    names into addresses (tests pass their own).
     """
+    own_writer = writer is None
+    line_writer = LineWriter() if writer is None else writer
     session = create_session(
         connect_timeout_s=settings.connect_timeout_s,
         keepalive_s=settings.upstream_keepalive_s,
@@ -68,32 +89,66 @@ async def running(settings: Settings) -> AsyncIterator[Gateway]:
         eject_after=settings.eject_failures,
         eject_base_s=settings.eject_base_s,
         eject_max_s=settings.eject_max_s,
+        startup_window_s=settings.startup_window_s,
     )
+    metrics = Metrics(routes=ROUTES, known_model=registry.knows, multiprocess_dir=metrics_dir)
+    inflight = Inflight(settings.max_concurrency)
+    dropped = 0
+
+    def refresh() -> None:
+        nonlocal dropped
+        metrics.refresh(registry, inflight.count)
+        if line_writer.dropped > dropped:
+            metrics.log_lines_dropped(line_writer.dropped - dropped)
+            dropped = line_writer.dropped
+
     health = HealthChecker(
         registry,
         session,
         interval_s=settings.health_interval_s,
         timeout_s=settings.health_timeout_s,
+        metrics=metrics,
+        on_round=refresh,
+        resolve=resolve,
     )
     forwarder = Forwarder(
         registry,
         session,
         fresh_session=fresh_session,
+        metrics=metrics,
         retries=settings.retries,
         headers_timeout_s=settings.headers_timeout_s,
         idle_timeout_s=settings.idle_timeout_s,
     )
+    access_log = AccessLog(line_writer, form=settings.log_format) if settings.access_log else None
+    observer = Observer(metrics, access_log)
     proxy = Proxy(
         registry,
         forwarder,
-        inflight=Inflight(settings.max_concurrency),
+        observer=observer,
+        inflight=inflight,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
     )
     checks = asyncio.get_running_loop().create_task(health.run(), name="health-checks")
     try:
-        app = build_app(registry, proxy, api_keys=settings.api_keys)
-        yield Gateway(app=app, registry=registry, health=health, proxy=proxy)
+        app = build_app(
+            registry,
+            proxy,
+            api_keys=settings.api_keys,
+            observer=observer,
+            metrics=metrics,
+            refresh_metrics=refresh,
+            replicas_view=lambda: replicas_view(registry, inflight),
+        )
+        yield Gateway(
+            app=app,
+            registry=registry,
+            health=health,
+            proxy=proxy,
+            metrics=metrics,
+            writer=line_writer,
+        )
     finally:
         checks.cancel()
         try:
@@ -102,6 +157,8 @@ async def running(settings: Settings) -> AsyncIterator[Gateway]:
             pass
         await session.close()
         await fresh_session.close()
+        if own_writer:
+            line_writer.close()
 
 
 def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
@@ -159,11 +216,17 @@ async def serve_gateway(
     )
 
 
-async def serve(settings: Settings, *, sock: socket.socket | None = None) -> None:
+async def serve(
+    settings: Settings,
+    *,
+    writer: LineWriter,
+    sock: socket.socket | None = None,
+    metrics_dir: str = "",
+) -> None:
     """Serve until SIGINT or SIGTERM, then drain; on `sock` if given, else on host and port."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    async with running(settings) as gateway:
+    async with running(settings, writer=writer, metrics_dir=metrics_dir) as gateway:
         await serve_gateway(gateway, settings, shutdown_trigger=stop.wait, sock=sock)

@@ -67,20 +67,28 @@ def upstream_errors() -> Iterator[None]:
             "The model server closed the connection without answering.",
             retryable=True,
             stale=True,
+            kind="reset",
         ) from None
     except aiohttp.ConnectionTimeoutError:
         raise UpstreamTimeout(
-            "The model server did not accept a connection in time.", retryable=True
+            "The model server did not accept a connection in time.", retryable=True, kind="timeout"
         ) from None
-    except (aiohttp.ClientConnectorError, aiohttp.ClientOSError, ConnectionError):
-        # Refused, reset or unreachable before any answer.
+    except aiohttp.ClientConnectorError:
+        # Refused or unreachable before any answer.
         raise UpstreamUnreachable(
-            "The model server could not be reached.", retryable=True
+            "The model server could not be reached.", retryable=True, kind="connect"
+        ) from None
+    except (aiohttp.ClientOSError, ConnectionError):
+        # Reset before any answer.
+        raise UpstreamUnreachable(
+            "The model server could not be reached.", retryable=True, kind="reset"
         ) from None
     except TimeoutError:
-        raise UpstreamTimeout("The model server did not answer in time.", retryable=False) from None
+        raise UpstreamTimeout(
+            "The model server did not answer in time.", retryable=False, kind="timeout"
+        ) from None
     except (aiohttp.ClientError, OSError):
         # A malformed answer: the server spoke, so the request may have run. No retry.
         raise UpstreamUnreachable(
-            "The model server sent an invalid answer.", retryable=False
+            "The model server sent an invalid answer.", retryable=False, kind="protocol"
         ) from None

@@ -17,22 +17,28 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
 import uvloop
+from prometheus_client.multiprocess import mark_process_dead
 
-from gateway.logs import configure_logging
+from gateway.logs import LineWriter, configure_logging
 from gateway.server import LISTEN_BACKLOG, serve
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.workers")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # At most one start per slot in this interval: a worker that crashes as it starts is
@@ -51,7 +57,31 @@ def supervise(settings: Settings) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
         return 1
-    return Supervisor(settings, sockets).run()
+    with metrics_directory(settings.metrics_dir) as metrics_dir:
+        return Supervisor(settings, sockets, metrics_dir).run()
+
+
+@contextmanager
+def metrics_directory(configured: str) -> Iterator[str]:
+    """The workers' shared metrics directory, emptied, and named in the environment.
+
+    prometheus-client picks its multi-process mode from PROMETHEUS_MULTIPROC_DIR when a
+    worker first builds a metric, so the supervisor sets it before any worker starts (each
+    spawned worker inherits it). Files left by an earlier run would be summed into this
+    one's counters: the directory starts empty. One made here is removed at exit.
+    """
+    made = not configured
+    path = tempfile.mkdtemp(prefix="vllm-gateway-metrics-") if made else configured
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(path, name))
+    os.environ[MULTIPROC_ENV] = path
+    try:
+        yield path
+    finally:
+        if made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
@@ -107,10 +137,13 @@ class Slot:
 class Supervisor:
     """Keeps one worker per socket running until SIGTERM or SIGINT, then stops them all."""
 
-    __slots__ = ("_settings", "_slots", "_context", "_stopping")
+    __slots__ = ("_settings", "_slots", "_context", "_stopping", "_metrics_dir")
 
-    def __init__(self, settings: Settings, sockets: Sequence[socket.socket]) -> None:
+    def __init__(
+        self, settings: Settings, sockets: Sequence[socket.socket], metrics_dir: str
+    ) -> None:
         self._settings = settings
+        self._metrics_dir = metrics_dir
         self._slots = [Slot(index, sock) for index, sock in enumerate(sockets, 1)]
         # Spawn, not fork: a worker starts from a clean interpreter rather than a copy of the
         # supervisor, and the listening sockets are handed over explicitly, one per worker.
@@ -159,6 +192,9 @@ class Supervisor:
             if process is None or process.exitcode is None:
                 continue
             how = _exit(process.exitcode)
+            if process.pid is not None:
+                # Its live gauges (in flight, replica state) leave the sum; its counters stay.
+                mark_process_dead(process.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
             if self._stopping:
                 log.warning("worker %d (pid %s) %s", slot.index, process.pid, how)
             else:
@@ -186,7 +222,7 @@ class Supervisor:
             slot.started_at = now
             process = self._context.Process(
                 target=work,
-                args=(self._settings, slot.sock, os.getpid()),
+                args=(self._settings, slot.sock, os.getpid(), self._metrics_dir),
                 name=f"gateway-worker-{slot.index}",
                 # Should the supervisor itself fail, multiprocessing's exit handler sends
                 # daemonic workers SIGTERM (they drain) rather than waiting on them forever.
@@ -229,11 +265,15 @@ class Supervisor:
         return status
 
 
-def work(settings: Settings, sock: socket.socket, supervisor_pid: int) -> None:
+def work(settings: Settings, sock: socket.socket, supervisor_pid: int, metrics_dir: str) -> None:
     """A worker process: the whole gateway on `sock` until SIGTERM or SIGINT, then its drain."""
     _follow_supervisor(supervisor_pid)
-    configure_logging(settings.log_level, with_pid=True)
-    uvloop.run(serve(settings, sock=sock))
+    writer = LineWriter()
+    configure_logging(settings.log_level, with_pid=True, form=settings.log_format, writer=writer)
+    try:
+        uvloop.run(serve(settings, writer=writer, sock=sock, metrics_dir=metrics_dir))
+    finally:
+        writer.close()
 
 
 def _follow_supervisor(supervisor_pid: int) -> None:

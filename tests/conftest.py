@@ -25,6 +25,8 @@ TEST_ENV = {
     "GATEWAY_HEALTH_RISE": "1",
     "GATEWAY_LOG_LEVEL": "warning",
     "GATEWAY_DRAIN_TIMEOUT_S": "2",
+    # The access log's own tests turn it on (tests/test_accesslog.py).
+    "GATEWAY_ACCESS_LOG": "off",
 }
 
 

@@ -176,7 +176,7 @@ async def test_unknown_model_is_404_model_not_found(
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/v1/chat/completions/"), ("POST", "/v1/other"), ("GET", "/metrics"), ("POST", "/")],
+    [("POST", "/v1/chat/completions/"), ("POST", "/v1/other"), ("GET", "/server_info"), ("POST", "/")],
 )
 async def test_routes_outside_the_list_are_404_and_never_reach_a_backend(
     method: str,

@@ -185,7 +185,7 @@ async def test_pinned_model_is_routed_without_being_listed(
 
 
 def test_registry_repr_shows_its_state() -> None:
-    backends = [Backend("http://a:1"), Backend("http://b:2")]
+    backends = [Backend("http://10.0.0.1:1"), Backend("http://10.0.0.2:2")]
     registry = Registry(backends, {}, fall=1, rise=1, retry_after_s=5)
     registry.record_pass(registry.replicas[0], [model_card("m")])
     assert repr(registry) == "<Registry [Replicas: 1 up, 1 down | Models: 1]>"
@@ -193,7 +193,7 @@ def test_registry_repr_shows_its_state() -> None:
 
 
 def test_models_body_is_cached_and_rebuilt_only_on_change() -> None:
-    registry = Registry([Backend("http://a:1")], {}, fall=1, rise=1, retry_after_s=5)
+    registry = Registry([Backend("http://10.0.0.1:1")], {}, fall=1, rise=1, retry_after_s=5)
     replica = registry.replicas[0]
     registry.record_pass(replica, [model_card("m")])
     first = registry.models_body()

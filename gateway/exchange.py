@@ -119,7 +119,7 @@ class Forwarder:
         replica: Replica,
         body: bytes,
     ) -> None:
-        headers, record.request_id = request_headers(
+        headers, record.request_id, record.traceparent = request_headers(
             scope["headers"], f"{self._id_prefix}{next(self._ids)}"
         )
         guard = RequestGuard(

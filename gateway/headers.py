@@ -44,8 +44,11 @@ def _named_by_connection(headers: Headers) -> frozenset[bytes]:
     return frozenset(names)
 
 
-def request_headers(headers: Headers, new_request_id: str) -> tuple[list[tuple[str, str]], str]:
-    """The client's end-to-end headers for the upstream request, and the request's id.
+def request_headers(
+    headers: Headers, new_request_id: str
+) -> tuple[list[tuple[str, str]], str, bytes]:
+    """The client's end-to-end headers for the upstream request, the request's id, and its
+    W3C `traceparent` (for the access log; it is forwarded like any end-to-end header).
 
     The client's `X-Request-Id` is kept; a request without one gets `new_request_id`, so
     the gateway's and vLLM's logs can be matched.
@@ -53,6 +56,7 @@ def request_headers(headers: Headers, new_request_id: str) -> tuple[list[tuple[s
     drop = _DROP_REQUEST
     content_type = False
     request_id = ""
+    traceparent = b""
     for name, value in headers:
         if name == b"connection":
             drop = drop | _named_by_connection(headers)
@@ -60,6 +64,8 @@ def request_headers(headers: Headers, new_request_id: str) -> tuple[list[tuple[s
             content_type = True
         elif name == b"x-request-id":
             request_id = value.decode("latin-1")
+        elif name == b"traceparent":
+            traceparent = value
     forwarded = [
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in headers
@@ -72,7 +78,7 @@ def request_headers(headers: Headers, new_request_id: str) -> tuple[list[tuple[s
     if not request_id:
         request_id = new_request_id
         forwarded.append(("x-request-id", request_id))
-    return forwarded, request_id
+    return forwarded, request_id, traceparent
 
 
 def response_headers(raw: tuple[tuple[bytes, bytes], ...], request_id: str) -> tuple[Headers, bool]:

@@ -41,7 +41,8 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 # The one `model` label value of every request whose model the gateway does not serve: a
-# client cannot grow the label set by sending made-up names.
+# client cannot grow the label set by sending made-up names. Routes without a model (the
+# gateway's own GET routes) have the empty value.
 OTHER_MODEL = "_other"
 OTHER_ROUTE = "other"
 
@@ -188,7 +189,9 @@ class Metrics:
     # The request path ------------------------------------------------------------------
 
     def request_done(self, record: RequestRecord) -> None:
-        model = record.model if record.model and self._known_model(record.model) else OTHER_MODEL
+        model = record.model
+        if model and not self._known_model(model):
+            model = OTHER_MODEL
         route = record.path if record.path in self._routes else OTHER_ROUTE
         status = record.status or CLIENT_CLOSED_STATUS
         key = (model, route, status, record.outcome)

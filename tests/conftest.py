@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 import uvloop
 
+from gateway.health import Resolver, resolve_host
 from gateway.server import Gateway, running, serve_gateway
 from gateway.settings import Settings
 from tests.fakes import FakeVllm
@@ -50,14 +51,16 @@ class RunningGateway:
 
 
 @asynccontextmanager
-async def gateway_on_free_port(settings: Settings) -> AsyncIterator[RunningGateway]:
+async def gateway_on_free_port(
+    settings: Settings, *, resolve: Resolver = resolve_host
+) -> AsyncIterator[RunningGateway]:
     """The gateway under real hypercorn on a free port, on this test's loop."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]
     # Connections queue in the backlog until the server accepts: the URL is usable at once.
-    async with running(settings) as parts:
+    async with running(settings, resolve=resolve) as parts:
         stop = asyncio.Event()
         server = asyncio.create_task(
             serve_gateway(parts, settings, shutdown_trigger=stop.wait, sock=sock)
@@ -97,14 +100,19 @@ def start_fake(stack: AsyncExitStack) -> StartFake:
 
 @pytest.fixture
 def start_gateway(stack: AsyncExitStack) -> StartGateway:
-    async def start(*backends: FakeVllm | str, wait: bool = True, **env: str) -> RunningGateway:
+    async def start(
+        *backends: FakeVllm | str,
+        wait: bool = True,
+        resolve: Resolver = resolve_host,
+        **env: str,
+    ) -> RunningGateway:
         environ = dict(TEST_ENV)
         urls = [b.url if isinstance(b, FakeVllm) else b for b in backends]
         if urls:
             environ["GATEWAY_BACKENDS"] = ",".join(urls)
         environ.update(env)
         gateway = await stack.enter_async_context(
-            gateway_on_free_port(Settings.from_environ(environ))
+            gateway_on_free_port(Settings.from_environ(environ), resolve=resolve)
         )
         if wait:
             await gateway.wait_rounds(1)

@@ -99,6 +99,8 @@ class FakeVllm:
     aborted: asyncio.Event = field(default_factory=asyncio.Event)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     health_checks: int = 0
+    # Any loopback address: several fakes on one port stand for the pods behind one name.
+    host: str = "127.0.0.1"
     port: int = 0
     _runner: web.AppRunner | None = None
     _transports: set[asyncio.BaseTransport] = field(default_factory=set)
@@ -110,7 +112,7 @@ class FakeVllm:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def stream_chunks(self) -> list[bytes]:
         return self.chunks if self.chunks is not None else sse_events(self.name, 4)
@@ -129,7 +131,7 @@ class FakeVllm:
         await self._runner.setup()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
+        sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
         await web.SockSite(self._runner, sock).start()
 

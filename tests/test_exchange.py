@@ -7,6 +7,7 @@ checks on the way out that nothing is left in flight.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import aiohttp
@@ -325,3 +326,37 @@ async def test_lone_replica_is_never_ejected_into_a_503(
             await response.read()
     assert len(lone.seen) == 5
     assert gateway.parts.registry.replicas[0].ejections >= 1
+
+
+async def test_client_that_stops_reading_is_cut_off_as_its_own_fault_not_the_replicas(
+    start_fake: StartFake,
+    start_gateway: StartGateway,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Events far larger than every socket buffer between the fake and a client that reads
+    # nothing: the gateway's send to that client blocks, while the backend has more to give.
+    event = b"data: " + b"x" * (256 * 1024) + b"\n\n"
+    alpha = await start_fake("alpha", chunks=[event] * 200)
+    gateway = await start_gateway(alpha, GATEWAY_IDLE_TIMEOUT_S="0.5")
+    host, port = gateway.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    body = chat("alpha", stream=True)
+    writer.write(
+        b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: gateway\r\nContent-Type: "
+        b"application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    await writer.drain()
+    with caplog.at_level(logging.WARNING, logger="gateway.exchange"):
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        # ...and read no more: the gateway cuts the client off and closes the upstream.
+        await asyncio.wait_for(alpha.aborted.wait(), 30)
+        await gateway.parts.proxy.inflight.wait_idle()
+    writer.close()
+    [replica] = gateway.parts.registry.replicas
+    assert replica.strikes == 0 and not replica.ejected_until, "the replica was blamed"
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("took no data for 0.5 s: cut off" in message for message in messages), messages
+    assert not any("silent past the idle timeout" in message for message in messages)

@@ -176,7 +176,12 @@ async def test_unknown_model_is_404_model_not_found(
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/v1/chat/completions/"), ("POST", "/v1/other"), ("GET", "/server_info"), ("POST", "/")],
+    [
+        ("POST", "/v1/chat/completions/"),
+        ("POST", "/v1/other"),
+        ("GET", "/server_info"),
+        ("POST", "/"),
+    ],
 )
 async def test_routes_outside_the_list_are_404_and_never_reach_a_backend(
     method: str,
@@ -452,3 +457,36 @@ async def test_every_answer_has_exactly_one_date_header(
         async with client.request(method, gateway.url + path, data=body) as response:
             assert len(response.headers.getall("Date")) == 1, (method, path)
             await response.read()
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5",
+    ],
+)
+async def test_content_length_with_transfer_encoding_is_400_and_the_connection_closes(
+    framing: bytes, start_fake: StartFake, start_gateway: StartGateway
+) -> None:
+    alpha = await start_fake("alpha")
+    gateway = await start_gateway(alpha)
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = chat("alpha")
+    chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    # A smuggler's second request rides behind the first on the same connection.
+    follower = b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: g\r\nContent-Length: 2\r\n\r\n{}"
+    writer.write(
+        b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: gateway\r\n" + framing + b"\r\n"
+        b"Content-Type: application/json\r\n\r\n" + chunked + follower
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)  # to EOF: the gateway closes
+    writer.close()
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert b"connection: close" in head.lower()
+    assert b"Content-Length and Transfer-Encoding" in rest
+    assert b"HTTP/1.1" not in rest, "a second answer: the follower was read as a request"
+    assert alpha.seen == []

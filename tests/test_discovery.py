@@ -131,9 +131,7 @@ async def test_past_the_startup_window_an_unknown_model_is_404_and_the_log_names
 ) -> None:
     alpha = await start_fake("alpha")
     with caplog.at_level(logging.WARNING, logger="gateway.health"):
-        gateway = await start_gateway(
-            alpha, "http://127.0.0.1:9", GATEWAY_STARTUP_WINDOW_S="0.001"
-        )
+        gateway = await start_gateway(alpha, "http://127.0.0.1:9", GATEWAY_STARTUP_WINDOW_S="0.001")
     async with client.post(gateway.url + CHAT, data=chat("beta")) as response:
         assert response.status == 404
         assert orjson.loads(await response.read())["error"]["code"] == "model_not_found"

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TEST_ENV, StartFake
 from tests.fakes import FakeVllm
+from tests.test_metrics import requests
 from tests.test_proxy import CHAT, chat
 
 COMMAND = str(Path(sys.executable).with_name("vllm-gateway"))
@@ -243,3 +245,37 @@ async def test_workers_do_not_outlive_a_supervisor_killed_with_sigkill(
         for pid in workers:
             await exited(pid)
         assert not any(alive(pid) for pid in workers)
+
+
+async def test_any_worker_scrapes_the_sum_of_all_and_a_killed_one_keeps_its_counts(
+    start_fake: StartFake,
+) -> None:
+    alpha = await start_fake("alpha")
+    async with gateway_command(alpha) as gateway, fresh_connections() as client:
+        prefixes = set()
+        for _ in range(32):
+            async with client.post(gateway.url + CHAT, data=chat("alpha")) as response:
+                assert response.status == 200
+                request_id = REQUEST_ID.fullmatch(response.headers["X-Request-Id"])
+                assert request_id is not None
+                prefixes.add(request_id[1])
+        assert len(prefixes) == 2, "both workers served some of the requests"
+
+        async def served() -> float:
+            async with client.get(gateway.url + "/metrics") as response:
+                samples = {
+                    (s.name, tuple(sorted(s.labels.items()))): s.value
+                    for family in text_string_to_metric_families(await response.text())
+                    for s in family.samples
+                }
+            return requests(samples, model="alpha", route=CHAT, outcome="ok")
+
+        # Fresh connections land on either worker: each answers with the sum of both.
+        assert [await served() for _ in range(16)] == [32.0] * 16
+
+        victim = min(gateway.workers())
+        os.kill(victim, signal.SIGKILL)
+        await exited(victim)
+        await gateway.logs.wait_for(lambda lines: any(" restarted: pid " in line for line in lines))
+        # The dead worker's requests stay counted: no scrape sees the counter go backwards.
+        assert [await served() for _ in range(16)] == [32.0] * 16

@@ -44,7 +44,9 @@ VARIABLES: tuple[Variable, ...] = (
         "",
         "Comma-separated base URLs of vLLM servers (http://10.0.0.5:8000,http://10.0.0.6:8000). "
         "Every model id a server lists in /v1/models, LoRA adapters included, is routed to it; "
-        "servers listing the same id are replicas of that model.",
+        "servers listing the same id are replicas of that model. An http:// host name stands "
+        "for every address it resolves to (a headless Kubernetes Service), re-resolved every "
+        "health interval.",
     ),
     Variable(
         "GATEWAY_MODELS",

@@ -10,7 +10,7 @@ from gateway.auth import OPEN_PATHS, ApiKeys
 from gateway.errors import MethodNotAllowed, RouteNotFound, send_json
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
-from gateway.observe import CLIENT_CLOSED, REJECTED, Observer, RequestRecord, client_address
+from gateway.observe import CLIENT_CLOSED, REJECTED, Observer, RequestRecord
 from gateway.proxy import PROXIED_PATHS, Inflight, Proxy
 from gateway.replicas import Registry
 from gateway.types import ASGIApp, Message, Receive, Scope, Send
@@ -141,7 +141,7 @@ class GatewayApp:
         if path in self._paths and (keys is None or keys.accepts(scope)):
             await self._proxy(scope, receive, send)
             return
-        record = RequestRecord(scope["method"], path, client_address(scope), self._observer.clock())
+        record = RequestRecord(scope["method"], path, scope.get("client"), self._observer.clock())
 
         async def watched(message: Message) -> None:
             if message["type"] == "http.response.start":

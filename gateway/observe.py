@@ -12,8 +12,6 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from gateway.types import Scope
-
 # How a request ended. A status alone does not say it: a stream that began 200 can still be
 # cut off by its client or its backend.
 OK = "ok"  # answered, whatever the status (vLLM's own 400 included)
@@ -37,7 +35,7 @@ class RequestRecord:
         "wall",
         "method",
         "path",
-        "client",
+        "peer",
         "request_id",
         "traceparent",
         "model",
@@ -52,12 +50,15 @@ class RequestRecord:
         "bytes_out",
     )
 
-    def __init__(self, method: str, path: str, client: str, started: float) -> None:
+    def __init__(
+        self, method: str, path: str, client: tuple[str, int] | None, started: float
+    ) -> None:
         self.started = started  # the loop's clock
         self.wall = time.time()
         self.method = method
         self.path = path
-        self.client = client
+        # The ASGI scope's (host, port), formatted only when a line is written.
+        self.peer = client
         self.request_id = ""
         self.traceparent = b""
         self.model = ""
@@ -80,6 +81,11 @@ class RequestRecord:
         return ""
 
     @property
+    def client(self) -> str:
+        peer = self.peer
+        return f"{peer[0]}:{peer[1]}" if peer else ""
+
+    @property
     def ttfb_s(self) -> float | None:
         return self.first_byte - self.started if self.first_byte else None
 
@@ -96,11 +102,6 @@ class RequestRecord:
 
 class Sink(Protocol):
     def request_done(self, record: RequestRecord) -> None: ...
-
-
-def client_address(scope: Scope) -> str:
-    client = scope.get("client")
-    return f"{client[0]}:{client[1]}" if client else ""
 
 
 class Observer:

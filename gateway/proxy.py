@@ -19,7 +19,7 @@ from gateway.errors import (
     TooManyRequests,
 )
 from gateway.exchange import Forwarder
-from gateway.observe import CLIENT_CLOSED, REJECTED, Observer, RequestRecord, client_address
+from gateway.observe import CLIENT_CLOSED, REJECTED, Observer, RequestRecord
 from gateway.replicas import Registry
 from gateway.types import Receive, Scope, Send
 
@@ -220,7 +220,7 @@ class Proxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record = RequestRecord(
-            scope["method"], scope["path"], client_address(scope), self._observer.clock()
+            scope["method"], scope["path"], scope.get("client"), self._observer.clock()
         )
         try:
             await self._handle(scope, receive, send, record)

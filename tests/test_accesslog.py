@@ -94,7 +94,7 @@ async def test_one_line_per_request_for_a_stream_a_dropped_stream_and_a_404(
 
 
 def test_a_crafted_model_name_cannot_forge_a_text_line() -> None:
-    record = RequestRecord("POST", CHAT, "127.0.0.1:1", time.monotonic())
+    record = RequestRecord("POST", CHAT, ("127.0.0.1", 1), time.monotonic())
     record.model = 'x\nINFO gateway.access: status=200 "'
     record.ended = record.started
     line = render_text(record)

@@ -162,20 +162,27 @@ def fresh_connections() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
 
 
+async def serving_processes(client: aiohttp.ClientSession, url: str, count: int) -> set[str]:
+    """Send `count` requests; the request-id prefixes of the processes that served them.
+
+    Each Forwarder stamps its own random prefix: two prefixes, two processes serving.
+    """
+    prefixes = set()
+    for _ in range(count):
+        async with client.post(url + CHAT, data=chat("alpha")) as response:
+            assert response.status == 200
+            request_id = REQUEST_ID.fullmatch(response.headers["X-Request-Id"])
+            assert request_id is not None
+            prefixes.add(request_id[1])
+    return prefixes
+
+
 async def test_both_workers_serve_connections_on_the_one_port(start_fake: StartFake) -> None:
     alpha = await start_fake("alpha")
     async with gateway_command(alpha) as gateway, fresh_connections() as client:
         assert len(gateway.workers()) == 2
-        prefixes = set()
-        # Each Forwarder stamps its own random prefix: two prefixes, two processes serving.
         # The kernel hashes each connection to a socket: all 64 on one has odds of 2**-63.
-        for _ in range(64):
-            async with client.post(gateway.url + CHAT, data=chat("alpha")) as response:
-                assert response.status == 200
-                request_id = REQUEST_ID.fullmatch(response.headers["X-Request-Id"])
-                assert request_id is not None
-                prefixes.add(request_id[1])
-        assert len(prefixes) == 2
+        assert len(await serving_processes(client, gateway.url, 64)) == 2
 
 
 async def test_a_killed_worker_is_replaced_and_its_queued_connections_answered(
@@ -252,13 +259,7 @@ async def test_any_worker_scrapes_the_sum_of_all_and_a_killed_one_keeps_its_coun
 ) -> None:
     alpha = await start_fake("alpha")
     async with gateway_command(alpha) as gateway, fresh_connections() as client:
-        prefixes = set()
-        for _ in range(32):
-            async with client.post(gateway.url + CHAT, data=chat("alpha")) as response:
-                assert response.status == 200
-                request_id = REQUEST_ID.fullmatch(response.headers["X-Request-Id"])
-                assert request_id is not None
-                prefixes.add(request_id[1])
+        prefixes = await serving_processes(client, gateway.url, 32)
         assert len(prefixes) == 2, "both workers served some of the requests"
 
         async def served() -> float:

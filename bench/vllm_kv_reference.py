@@ -99,7 +99,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 # layers (llama.py, gemma2.py); other layers fall back to
                 # cache_config.sliding_window (Attention.__init__).
                 if layer_types is not None:
-                    sliding = text.sliding_window if layer_types[index] == "sliding_attention" else None
+                    sliding = (
+                        text.sliding_window if layer_types[index] == "sliding_attention" else None
+                    )
                 else:
                     sliding = cache.sliding_window
                 backend = get_attn_backend(

@@ -321,7 +321,7 @@ def _fixes(item: Overflow, trial: _Trial) -> list[Fix]:
         if changed is not None and trial.fits([changed], extra):
             where = f" with {more} more {biggest.name}" if more else ""
             fixes.append(Fix(f"tp={wider}", f"tensor parallelism over {wider} GPUs{where}"))
-    need = req.tp if item.reason.startswith("tp=") else 1
+    need = max(1, req.tp - len(trial.gpus))
     extra = [dataclasses.replace(biggest, index=len(trial.gpus) + n) for n in range(need)]
     if trial.fits([inst], extra):
         fixes.append(

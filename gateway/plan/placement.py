@@ -281,35 +281,42 @@ def with_fixes(
     reserve: int = 0,
     base_port: int = 8000,
 ) -> Plan:
-    """For each instance that does not fit, the single changes that would make it fit."""
+    """For each instance that does not fit, the single changes that would make it fit: to
+    itself, to the GPUs, or to an instance already placed where it was tried."""
     if not plan.overflow:
         return plan
     trial = _Trial(gpus, instances, rebuild, reserve, base_port, len(plan.overflow))
-    overflow = [dataclasses.replace(o, fixes=tuple(_fixes(o, trial))) for o in plan.overflow]
+    overflow = [dataclasses.replace(o, fixes=tuple(_fixes(o, trial, plan))) for o in plan.overflow]
     return dataclasses.replace(plan, overflow=tuple(overflow))
 
 
-def _fixes(item: Overflow, trial: _Trial) -> list[Fix]:
-    inst, req = item.instance, item.instance.request
+def _shrinks(trial: _Trial, inst: Instance, prefix: str) -> list[Fix]:
+    req = inst.request
     fixes: list[Fix] = []
     if req.kv_dtype == "auto" and inst.arch.dtype_bytes > 1:
         if trial.fits_with(inst, kv_dtype="fp8"):
-            fixes.append(Fix("kv-dtype=fp8", "an fp8 KV cache: half the bytes per token"))
-        else:
-            every = [trial.change(i, kv_dtype="fp8") for i in trial.instances]
-            if all(every) and trial.fits([i for i in every if i is not None]):
-                fixes.append(Fix("kv-dtype=fp8 on all", "fp8 KV caches for every instance"))
+            fixes.append(Fix(prefix + "kv-dtype=fp8", "an fp8 KV cache: half the bytes per token"))
     length = _largest(
         lambda n: trial.fits_with(inst, max_model_len=n), inst.kv.block_size, inst.max_model_len - 1
     )
     if length:
-        fixes.append(
-            Fix(f"len={length}", f"{length:,} tokens of context, not {inst.max_model_len:,}")
-        )
+        detail = f"{length:,} tokens of context, not {inst.max_model_len:,}"
+        fixes.append(Fix(f"{prefix}len={length}", detail))
     if inst.seqs and inst.seqs > 1:
         seqs = _largest(lambda n: trial.fits_with(inst, seqs=n), 1, inst.seqs - 1)
         if seqs:
-            fixes.append(Fix(f"seqs={seqs}", f"{seqs} full-length requests, not {inst.seqs}"))
+            detail = f"{seqs} full-length requests, not {inst.seqs}"
+            fixes.append(Fix(f"{prefix}seqs={seqs}", detail))
+    return fixes
+
+
+def _fixes(item: Overflow, trial: _Trial, plan: Plan) -> list[Fix]:
+    inst, req = item.instance, item.instance.request
+    fixes = _shrinks(trial, inst, "")
+    if req.kv_dtype == "auto" and not any(f.change == "kv-dtype=fp8" for f in fixes):
+        every = [trial.change(i, kv_dtype="fp8") for i in trial.instances]
+        if all(every) and trial.fits([i for i in every if i is not None]):
+            fixes.append(Fix("kv-dtype=fp8 on all", "fp8 KV caches for every instance"))
     if req.util is not None and trial.fits_with(inst, util=None):
         fixes.append(Fix("drop util=", "let the planner size the utilization"))
     biggest = max(trial.gpus, key=lambda g: g.total_bytes)
@@ -324,11 +331,11 @@ def _fixes(item: Overflow, trial: _Trial) -> list[Fix]:
     need = max(1, req.tp - len(trial.gpus))
     extra = [dataclasses.replace(biggest, index=len(trial.gpus) + n) for n in range(need)]
     if trial.fits([inst], extra):
-        fixes.append(
-            Fix(
-                f"--gpus {need}x{biggest.name}", f"{need} more GPU(s) of {gib(biggest.total_bytes)}"
-            )
-        )
+        change = f"--gpus {need}x{biggest.name}"
+        fixes.append(Fix(change, f"{need} more GPU(s) of {gib(biggest.total_bytes)}"))
+    for placed in plan.placed:
+        if set(placed.gpus) & set(item.gpus):
+            fixes += _shrinks(trial, placed.instance, placed.instance.request.label() + ": ")
     return fixes
 
 

@@ -43,7 +43,8 @@ class Instance:
     weights: Weights
     kv: kvmod.KvLayout
     max_model_len: int
-    batched_tokens: Estimate  # .bytes holds the token count
+    batched_tokens: int
+    batched_source: str
     in_flight_tokens: int
     seqs: int | None
     weights_bytes: int
@@ -107,16 +108,17 @@ def build(
             f"{arch.max_model_len}, which vLLM refuses"
         )
     if request.max_num_batched_tokens is not None:
-        batched = Estimate(request.max_num_batched_tokens, "given (mnbt=)")
+        batched, batched_source = request.max_num_batched_tokens, "given (mnbt=)"
     else:
         # The largest default among the GPUs it may land on: a larger profile run is the
         # safe side of the estimate.
         tokens, source = max(overheads.default_batched_tokens(g) for g in gpus)
         # arg_utils.py: never above max_num_seqs * max_model_len.
-        batched = Estimate(min(tokens, DEFAULT_MAX_NUM_SEQS * max_len), source)
+        batched, batched_source = min(tokens, DEFAULT_MAX_NUM_SEQS * max_len), source
     layers = kvmod.layer_kv(arch, request.tp, request.kv_dtype)
     layout = kvmod.layout(layers, request.block_size or kvmod.GPU_BLOCK_SIZE, kernel_multiple)
-    seqs = request.seqs if request.kv_target is None else None
+    # kv= asks for a KV size instead of a number of full-length requests.
+    seqs = None if request.kv_target is not None else (request.seqs or 1)
     return Instance(
         index=index,
         request=request,
@@ -125,12 +127,13 @@ def build(
         kv=layout,
         max_model_len=max_len,
         batched_tokens=batched,
-        in_flight_tokens=in_flight_batches * batched.bytes,
-        seqs=seqs if seqs is not None or request.kv_target is not None else 1,
+        batched_source=batched_source,
+        in_flight_tokens=in_flight_batches * batched,
+        seqs=seqs,
         weights_bytes=weights.bytes_per_rank(arch, request.tp),
         activation=overheads.activation(
             arch,
-            batched.bytes,
+            batched,
             request.activation if request.activation is not None else overrides.activation,
             "act=" if request.activation is not None else "--activation-gib",
         ),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 
 from gateway.plan import render
@@ -19,10 +20,13 @@ from gateway.plan.request import KEYS_HELP, ModelRequest, parse_model
 from gateway.plan.sizes import parse_size
 from gateway.plan.weights import computed, read
 
+MODEL_HELP = f"Each --model is one vLLM instance: PATH_OR_ID[,key=value...], keys: {KEYS_HELP}."
 EPILOG = f"""\
-Each --model is one vLLM instance: PATH_OR_ID[,key=value...], keys: {KEYS_HELP}.
+{textwrap.fill(MODEL_HELP, 90)}
+
 A Hugging Face id must already be in the local cache; nothing is downloaded. Sizes are in
-GiB unless they carry a unit (0.5, 900MiB, 80GiB). Known GPU names: {known_names()}.
+GiB unless they carry a unit (0.5, 900MiB, 80GiB). Known GPU names:
+{known_names()}.
 
 Exit status: 0 when every instance fits, 1 when not (the output says by how much and what
 would fit), 2 for bad arguments.
@@ -70,7 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--json", action="store_const", const="json", dest="format", help="same as --format json")
     add("--host", default="127.0.0.1", help="host for GATEWAY_BACKENDS (default 127.0.0.1)")
-    add("--base-port", type=int, default=8000, help="first port; one per instance (default 8000)")
+    add(
+        "--base-port",
+        type=int,
+        default=8000,
+        metavar="PORT",
+        help="first port; one per instance (default 8000)",
+    )
     add("--reserve-gib", default="0", metavar="SIZE", help="memory to leave alone on every GPU")
     estimates = parser.add_argument_group(
         "estimates (defaults come from published vLLM logs; pass the figures your own logs print)"
@@ -89,12 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--in-flight-batches",
         type=int,
         default=IN_FLIGHT_BATCHES,
+        metavar="N",
         help="batches in flight (2: async scheduling, vLLM's default on GPUs; 1 without)",
     )
     advanced.add_argument(
         "--kernel-block-multiple",
         type=int,
         default=GPU_KERNEL_BLOCK_MULTIPLE,
+        metavar="N",
         help="attention kernel block granularity (16: FlashAttention; 32: vLLM's CPU backend)",
     )
     return parser

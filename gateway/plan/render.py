@@ -77,8 +77,8 @@ def as_json(plan: Plan, host: str) -> str:
                 "requests_asked": inst.seqs,
                 "weights": {"bytes": inst.weights_bytes, "source": inst.weights.source},
                 "max_num_batched_tokens": {
-                    "tokens": inst.batched_tokens.bytes,
-                    "source": inst.batched_tokens.source,
+                    "tokens": inst.batched_tokens,
+                    "source": inst.batched_source,
                 },
                 "estimates": {
                     "activation_peak": _estimate(inst.activation),
@@ -221,9 +221,7 @@ def _instance_text(p: Placed, notes: _Sources) -> list[str]:
     kv = inst.kv
     dtype = inst.request.kv_dtype if inst.request.kv_dtype != "auto" else inst.arch.dtype
     asked = f"{inst.seqs} asked" if inst.seqs else f"KV target {gib(inst.request.kv_target or 0)}"
-    batched = (
-        f"at {inst.batched_tokens.bytes:,} batched tokens {notes.ref(inst.batched_tokens.source)}"
-    )
+    batched = f"at {inst.batched_tokens:,} batched tokens {notes.ref(inst.batched_source)}"
     lines = [
         "",
         f"{p.turn}. {inst.request.label()}  (GPU {'+'.join(map(str, p.gpus))}, "

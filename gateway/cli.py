@@ -19,8 +19,15 @@ from gateway.workers import supervise
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["plan"]:
+        # Imported here: the planner shares nothing with the server.
+        from gateway.plan.command import main as plan
+
+        return plan(args[1:], environ)
     if any(arg in ("-h", "--help") for arg in args):
         print(help_text())
+        print("\nSubcommand: vllm-gateway plan --help: how to set --gpu-memory-utilization")
+        print("when several vLLM servers share GPUs.")
         return 0
     if "--version" in args:
         print(f"vllm-gateway {__version__}")

@@ -64,24 +64,26 @@ async def wait_up(url: str, deadline_s: float) -> None:
             await asyncio.sleep(0.5)
 
 
-async def send_streams(url: str, count: int) -> None:
+async def send_streams(url: str, count: int, headers: dict[str, str]) -> None:
     async with aiohttp.ClientSession() as client:
         for _ in range(count):
             async with client.post(
                 url + "/v1/chat/completions",
                 data=BODY,
-                headers={"Content-Type": "application/json"},
+                headers={"Content-Type": "application/json"} | headers,
             ) as response:
                 body = await response.read()
                 if response.status != 200 or not body.endswith(b"data: [DONE]\n\n"):
                     raise RuntimeError(f"bad answer {response.status}: {body[-200:]!r}")
 
 
-async def count(python: str, requests: int, env: dict[str, str], workdir: Path) -> int:
+async def count(
+    python: str, requests: int, env: dict[str, str], workdir: Path, headers: dict[str, str]
+) -> int:
     """Instructions executed by one gateway process that served `requests` streams."""
     async with fake_vllm(None) as (upstream, _):
         port = free_port()
-        out = workdir / f"callgrind.{requests}.out"
+        out = workdir / f"callgrind.{requests}.{len(os.listdir(workdir))}.out"
         environ = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         environ |= {
             "PYTHONHASHSEED": "0",
@@ -112,7 +114,7 @@ async def count(python: str, requests: int, env: dict[str, str], workdir: Path) 
         url = f"http://127.0.0.1:{port}"
         try:
             await wait_up(url, 600)
-            await send_streams(url, requests)
+            await send_streams(url, requests, headers)
         finally:
             proc.send_signal(signal.SIGTERM)
             await asyncio.to_thread(proc.wait, 300)
@@ -128,11 +130,31 @@ async def main() -> None:
     parser.add_argument("--low", type=int, default=50, help="requests of the first run")
     parser.add_argument("--high", type=int, default=250, help="requests of the second run")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the gateway")
+    parser.add_argument(
+        "--per-event",
+        action="store_true",
+        help="instead: --high streams of 16 and of 64 events 5 ms apart (one chunk each, even under valgrind): "
+        "the difference is the cost of 48 events a stream",
+    )
     args = parser.parse_args()
     env = dict(item.split("=", 1) for item in args.env)
     with tempfile.TemporaryDirectory(prefix="gateway-instructions-") as tmp:
-        low = await count(args.python, args.low, env, Path(tmp))
-        high = await count(args.python, args.high, env, Path(tmp))
+        if args.per_event:
+            paced = {"x-fake-interval-ms": "5"}
+            short = await count(
+                args.python, args.high, env, Path(tmp), paced | {"x-fake-events": "16"}
+            )
+            long = await count(
+                args.python, args.high, env, Path(tmp), paced | {"x-fake-events": "64"}
+            )
+            per_event = (long - short) / (args.high * 48)
+            print(
+                f"{args.python}: {short:,} instructions with {args.high} streams of 16 paced "
+                f"events, {long:,} of 64: {per_event:,.0f} per event"
+            )
+            return
+        low = await count(args.python, args.low, env, Path(tmp), {})
+        high = await count(args.python, args.high, env, Path(tmp), {})
     per_request = (high - low) / (args.high - args.low)
     print(
         f"{args.python}: {low:,} instructions with {args.low} requests, {high:,} with "

@@ -133,8 +133,8 @@ async def main() -> None:
     parser.add_argument(
         "--per-event",
         action="store_true",
-        help="instead: --high streams of 16 and of 64 events 5 ms apart (one chunk each, even under valgrind): "
-        "the difference is the cost of 48 events a stream",
+        help="instead: --high streams of 16 and of 64 events 5 ms apart (one chunk each, "
+        "even under valgrind): the difference is the cost of 48 events a stream",
     )
     args = parser.parse_args()
     env = dict(item.split("=", 1) for item in args.env)

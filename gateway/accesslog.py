@@ -3,70 +3,90 @@
 Hypercorn's own access log is off: it writes nothing for a stream its client or its backend
 cut off, which are the lines an operator looks for. Lines carry no body and no header value
 but `X-Request-Id` and the trace id of `traceparent` (never `Authorization`). Values that come
-from the client (the model, the path) are quoted and escaped when they hold anything but plain
-characters, so a crafted model name cannot forge a log line.
+from the client (the model, the path, the ids) are quoted and escaped when they hold anything
+but plain characters, so a crafted model name cannot forge a log line.
+
+Lines are rendered on the log writer's thread, one f-string or one orjson call each: rendering
+counts in the gateway's CPU per request, so it is kept to what bench/instructions.py shows.
 """
 
 from __future__ import annotations
 
-import re
+import time
 
 import orjson
 
-from gateway.logs import STDOUT, LineWriter, timestamp
+from gateway.logs import STDOUT, LineWriter
 from gateway.observe import CLIENT_CLOSED_STATUS, RequestRecord
 
 # Probes and scrapes come every few seconds from machines, not users: counted in the
 # metrics, kept out of the log.
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
-_PLAIN = re.compile(rb"[\x21-\x7e]*")
+
+def _plain(value: str) -> str:
+    """A client-controlled value as one text token: as is when plain, else a JSON string."""
+    if not value:
+        return "-"
+    if value.isascii() and value.isprintable() and " " not in value and '"' not in value:
+        return value
+    return orjson.dumps(value).decode()
 
 
-def fields(record: RequestRecord) -> dict[str, object]:
-    ttfb = record.ttfb_s
-    return {
-        "time": timestamp(record.wall + record.duration_s),
-        "request_id": record.request_id,
-        "trace_id": record.trace_id,
-        "method": record.method,
-        "path": record.path,
-        "model": record.model,
-        "stream": record.stream,
-        "replica": record.replica,
-        "attempts": record.attempts,
-        "status": record.status or CLIENT_CLOSED_STATUS,
-        "outcome": record.outcome,
-        "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 3),
-        "duration_ms": round(record.duration_s * 1000, 3),
-        "bytes_in": record.bytes_in,
-        "bytes_out": record.bytes_out,
-        "client": record.client,
-    }
+class Renderer:
+    """Renders records as text or JSON lines; only ever called on the writer's thread."""
 
+    __slots__ = ("_second", "_stamp", "render")
 
-def render_json(record: RequestRecord) -> bytes:
-    line = fields(record)
-    line = {"time": line.pop("time"), "level": "info", "logger": "gateway.access", **line}
-    return orjson.dumps(line) + b"\n"
+    def __init__(self, form: str) -> None:
+        self._second = -1
+        self._stamp = ""
+        self.render = self.json if form == "json" else self.text
 
+    def timestamp(self, wall: float) -> str:
+        """ISO 8601 in UTC with milliseconds; the part up to the second is made once a second."""
+        second = int(wall)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((wall - second) * 1000):03d}Z"
 
-def _text_value(value: object) -> bytes:
-    if value is None or value == "":
-        return b"-"
-    if value is True or value is False:
-        return b"true" if value else b"false"
-    text = str(value).encode("utf-8", "replace")
-    return text if _PLAIN.fullmatch(text) and b'"' not in text else orjson.dumps(str(value))
+    def text(self, r: RequestRecord) -> bytes:
+        ttfb = r.ttfb_s
+        return (
+            f"{self.timestamp(r.wall + r.duration_s)} INFO gateway.access: "
+            f"request_id={_plain(r.request_id)} trace_id={_plain(r.trace_id)} "
+            f"method={_plain(r.method)} path={_plain(r.path)} model={_plain(r.model)} "
+            f"stream={'true' if r.stream else 'false'} replica={r.replica or '-'} "
+            f"attempts={r.attempts} status={r.status or CLIENT_CLOSED_STATUS} "
+            f"outcome={r.outcome} ttfb_ms={'-' if ttfb is None else f'{ttfb * 1000:.3f}'} "
+            f"duration_ms={r.duration_s * 1000:.3f} bytes_in={r.bytes_in} "
+            f"bytes_out={r.bytes_out} client={r.client or '-'}\n"
+        ).encode()
 
-
-def render_text(record: RequestRecord) -> bytes:
-    line = fields(record)
-    head = f"{line.pop('time')} INFO gateway.access:".encode()
-    parts = [head]
-    for name, value in line.items():
-        parts.append(name.encode() + b"=" + _text_value(value))
-    return b" ".join(parts) + b"\n"
+    def json(self, r: RequestRecord) -> bytes:
+        ttfb = r.ttfb_s
+        line = {
+            "time": self.timestamp(r.wall + r.duration_s),
+            "level": "info",
+            "logger": "gateway.access",
+            "request_id": r.request_id,
+            "trace_id": r.trace_id,
+            "method": r.method,
+            "path": r.path,
+            "model": r.model,
+            "stream": r.stream,
+            "replica": r.replica,
+            "attempts": r.attempts,
+            "status": r.status or CLIENT_CLOSED_STATUS,
+            "outcome": r.outcome,
+            "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 3),
+            "duration_ms": round(r.duration_s * 1000, 3),
+            "bytes_in": r.bytes_in,
+            "bytes_out": r.bytes_out,
+            "client": r.client,
+        }
+        return orjson.dumps(line) + b"\n"
 
 
 class AccessLog:
@@ -76,7 +96,7 @@ class AccessLog:
 
     def __init__(self, writer: LineWriter, *, form: str) -> None:
         self._writer = writer
-        self._render = render_json if form == "json" else render_text
+        self._render = Renderer(form).render
 
     def request_done(self, record: RequestRecord) -> None:
         if record.path not in QUIET_PATHS:

@@ -1,20 +1,23 @@
 """Prometheus metrics: built once per process, fed by finished requests and by the state.
 
-Counters and histograms are fed on the request path (one counter and two histogram updates
-per request, through children cached by label values). Everything that is a state rather than
-an event (replicas up, ejected, in flight) is copied from the live objects by `refresh`, after
-each round of health checks and before each scrape, so the request path pays nothing for it.
+The request path only adds to plain counts: a dict entry per label set and, per model, a
+bucket count found by bisection, with no lock and no prometheus-client call (those cost more
+than all the rest of a request's bookkeeping; bench/instructions.py counts it). `refresh`
+moves the counts into the prometheus-client metrics, after each round of health checks and
+before each scrape, and copies what is a state rather than an event (replicas up, ejected, in
+flight) from the live objects.
 
 With several workers, prometheus-client's multi-process mode keeps each worker's values in
 files of a shared directory (`PROMETHEUS_MULTIPROC_DIR`, set by the supervisor before the
 workers start) and any worker's scrape sums them all; a dead worker's counters stay in the sum,
-so a counter never goes backwards. State gauges of other workers are as fresh as their last
-health round.
+so a counter never goes backwards. The other workers' figures are as fresh as their last
+health round (GATEWAY_HEALTH_INTERVAL_S).
 """
 
 from __future__ import annotations
 
 import platform
+from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Any
 
@@ -57,10 +60,10 @@ class Metrics:
         "_known_model",
         "_requests",
         "_request_children",
+        "_counted",
         "_ttfb",
-        "_ttfb_children",
         "_duration",
-        "_duration_children",
+        "_times",
         "_retries",
         "_upstream_errors",
         "_health_checks",
@@ -102,6 +105,8 @@ class Metrics:
             registry=registry,
         )
         self._request_children: dict[tuple[str, str, int, str], Any] = {}
+        # Requests counted since the last `refresh`, by label values.
+        self._counted: dict[tuple[str, str, int, str], int] = {}
         self._ttfb = Histogram(
             f"{p}_time_to_first_byte_seconds",
             "From the request's arrival to the first byte of the answer's body sent to the "
@@ -110,7 +115,6 @@ class Metrics:
             registry=registry,
             buckets=TTFT_BUCKETS,
         )
-        self._ttfb_children: dict[str, Any] = {}
         self._duration = Histogram(
             f"{p}_request_duration_seconds",
             "From the request's arrival to its end, however it ended. Buckets are vLLM's "
@@ -119,7 +123,7 @@ class Metrics:
             registry=registry,
             buckets=LATENCY_BUCKETS,
         )
-        self._duration_children: dict[str, Any] = {}
+        self._times: dict[str, Times] = {}
         self._retries = Counter(
             f"{p}_retries",
             "Requests sent again to another replica, by the reason the previous try failed.",
@@ -193,23 +197,36 @@ class Metrics:
         if model and not self._known_model(model):
             model = OTHER_MODEL
         route = record.path if record.path in self._routes else OTHER_ROUTE
-        status = record.status or CLIENT_CLOSED_STATUS
-        key = (model, route, status, record.outcome)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self._requests.labels(
-                model, route, str(status), record.outcome
-            )
-        child.inc()
+        key = (model, route, record.status or CLIENT_CLOSED_STATUS, record.outcome)
+        counted = self._counted
+        counted[key] = counted.get(key, 0) + 1
+        times = self._times.get(model)
+        if times is None:
+            times = self._times[model] = Times()
         if record.first_byte:
-            ttfb = self._ttfb_children.get(model)
-            if ttfb is None:
-                ttfb = self._ttfb_children[model] = self._ttfb.labels(model)
-            ttfb.observe(record.first_byte - record.started)
-        duration = self._duration_children.get(model)
-        if duration is None:
-            duration = self._duration_children[model] = self._duration.labels(model)
-        duration.observe(record.ended - record.started)
+            ttfb = record.first_byte - record.started
+            times.ttfb[bisect_left(TTFT_BUCKETS, ttfb)] += 1
+            times.ttfb_sum += ttfb
+        duration = record.ended - record.started
+        times.duration[bisect_left(LATENCY_BUCKETS, duration)] += 1
+        times.duration_sum += duration
+
+    def _flush(self) -> None:
+        """Move the counts of finished requests into the prometheus-client metrics."""
+        children = self._request_children
+        for key, count in self._counted.items():
+            child = children.get(key)
+            if child is None:
+                model, route, status, outcome = key
+                child = children[key] = self._requests.labels(model, route, str(status), outcome)
+            child.inc(count)
+        self._counted.clear()
+        for model, times in self._times.items():
+            if any(times.ttfb):
+                _add_observations(self._ttfb.labels(model), times.ttfb, times.ttfb_sum)
+            if any(times.duration):
+                _add_observations(self._duration.labels(model), times.duration, times.duration_sum)
+            times.clear()
 
     # Rare events -------------------------------------------------------------------------
 
@@ -228,7 +245,9 @@ class Metrics:
     # State -------------------------------------------------------------------------------
 
     def refresh(self, registry: Registry, inflight: int) -> None:
-        """Copy the replicas' state into the gauges; forget replicas that left."""
+        """Bring every metric up to date: the requests counted since the last refresh, and the
+        replicas' state copied into the gauges (replicas that left are forgotten)."""
+        self._flush()
         self._gateway_inflight.set(inflight)
         shown = set()
         for replica in registry.replicas:
@@ -269,3 +288,37 @@ class Metrics:
     def __repr__(self) -> str:
         mode = f"multiprocess in {self._multiprocess_dir}" if self._multiprocess_dir else "local"
         return f"<Metrics [{mode} | {len(self._request_children)} request series]>"
+
+
+class Times:
+    """One model's observations since the last refresh: a count per bucket (the last one past
+    every bound: +Inf) and the sum, as a prometheus-client histogram keeps them."""
+
+    __slots__ = ("ttfb", "ttfb_sum", "duration", "duration_sum")
+
+    def __init__(self) -> None:
+        self.ttfb = [0] * (len(TTFT_BUCKETS) + 1)
+        self.ttfb_sum = 0.0
+        self.duration = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.duration_sum = 0.0
+
+    def clear(self) -> None:
+        self.ttfb[:] = [0] * len(self.ttfb)
+        self.ttfb_sum = 0.0
+        self.duration[:] = [0] * len(self.duration)
+        self.duration_sum = 0.0
+
+
+def _add_observations(child: Any, counts: list[int], total: float) -> None:
+    """Add many observations to a histogram child at once.
+
+    prometheus-client has no public call for it (`observe` takes one value, with a lock per
+    bucket and per sum); its children keep one value per bucket, +Inf last, and one for the
+    sum, non-cumulative (the exposition accumulates them). tests/test_metrics.py checks the
+    buckets and sums that come out.
+    """
+    buckets = child._buckets
+    for index, count in enumerate(counts):
+        if count:
+            buckets[index].inc(count)
+    child._sum.inc(total)

@@ -155,6 +155,7 @@ async def running(
             await checks
         except asyncio.CancelledError:
             pass
+        refresh()  # a stopping worker's last counts reach the shared metrics
         await session.close()
         await fresh_session.close()
         if own_writer:

@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.accesslog import render_text
+from gateway.accesslog import Renderer
 from gateway.logs import LineWriter
 from gateway.observe import RequestRecord
 from tests.conftest import RunningGateway, StartFake, StartGateway
@@ -97,7 +97,7 @@ def test_a_crafted_model_name_cannot_forge_a_text_line() -> None:
     record = RequestRecord("POST", CHAT, ("127.0.0.1", 1), time.monotonic())
     record.model = 'x\nINFO gateway.access: status=200 "'
     record.ended = record.started
-    line = render_text(record)
+    line = Renderer("text").text(record)
     assert line.count(b"\n") == 1 and line.endswith(b"\n")
     fields = parse(line.decode().rstrip("\n"), "text")
     assert fields["model"] == record.model

@@ -83,7 +83,9 @@ async def test_counters_and_histograms_move_with_real_requests(
     ttfb = "vllm_gateway_time_to_first_byte_seconds"
     assert value(after, f"{ttfb}_count", model="alpha") == 3
     assert value(after, f"{ttfb}_bucket", model="alpha", le="+Inf") == 3
-    assert value(after, f"{ttfb}_bucket", model="alpha", le=str(TTFT_BUCKETS[0])) <= 3
+    buckets = [value(after, f"{ttfb}_bucket", model="alpha", le=str(b)) for b in TTFT_BUCKETS]
+    assert buckets == sorted(buckets) and buckets[-1] == 3, "cumulative, every one counted"
+    assert 0 < value(after, f"{ttfb}_sum", model="alpha") < 3 * TTFT_BUCKETS[-1]
     assert value(after, "vllm_gateway_request_duration_seconds_count", model="alpha") == 3
     assert value(after, "vllm_gateway_request_duration_seconds_count", model="_other") == 1
     assert value(after, "vllm_gateway_replica_up", replica=alpha.url) == 1

@@ -271,7 +271,12 @@ async def test_any_worker_scrapes_the_sum_of_all_and_a_killed_one_keeps_its_coun
                 }
             return requests(samples, model="alpha", route=CHAT, outcome="ok")
 
-        # Fresh connections land on either worker: each answers with the sum of both.
+        # Each worker moves its counts to the shared files after each round of health checks
+        # (every 0.05 s here): once a scrape shows all 32, every later one does, whichever
+        # worker answers it (fresh connections land on either).
+        async with asyncio.timeout(DEADLINE_S):
+            while await served() != 32.0:
+                pass
         assert [await served() for _ in range(16)] == [32.0] * 16
 
         victim = min(gateway.workers())

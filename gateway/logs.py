@@ -22,8 +22,8 @@ STDOUT = 1
 STDERR = 2
 # Lines waiting for the writer, at most; about 4 MiB of access lines.
 QUEUE_CAP = 16384
-# How often the writer wakes to write what has queued: no per-line signalling cost on the
-# loop's side, at most this much delay before a line shows.
+# After the first line of a batch, the writer waits this long for more before writing them:
+# one write and one wake-up for all the lines of a busy moment, at most this much delay.
 FLUSH_INTERVAL_S = 0.05
 # A pipe write up to PIPE_BUF bytes is atomic: lines of several workers sharing one stderr
 # never interleave mid-line.
@@ -35,13 +35,16 @@ Render = Callable[[Any], bytes]
 class LineWriter:
     """A thread that writes queued lines to their file descriptors, never blocking `put`."""
 
-    __slots__ = ("_queue", "_cap", "dropped", "_wake", "_lock", "_thread", "_closed")
+    __slots__ = ("_queue", "_cap", "dropped", "_wake", "_signalled", "_lock", "_thread", "_closed")
 
     def __init__(self, *, cap: int = QUEUE_CAP) -> None:
         self._queue: deque[tuple[int, Render, Any]] = deque()
         self._cap = cap
         self.dropped = 0
+        # The writer sleeps until a batch begins: an idle gateway costs it no wake-up, a busy
+        # one a wake-up per FLUSH_INTERVAL_S, and `put` pays one flag test per line.
         self._wake = threading.Event()
+        self._signalled = False
         # Held while lines are taken and written, so that an explicit `flush` and the
         # thread never write parts of the queue out of order.
         self._lock = threading.Lock()
@@ -55,6 +58,9 @@ class LineWriter:
             self.dropped += 1
             return
         self._queue.append((fd, render, item))
+        if not self._signalled:
+            self._signalled = True
+            self._wake.set()
 
     def flush(self) -> None:
         """Write everything queued so far, on the caller's thread, before returning."""
@@ -69,10 +75,16 @@ class LineWriter:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while not self._closed:
-            self._wake.wait(FLUSH_INTERVAL_S)
+        while True:
+            self._wake.wait()
+            if not self._closed:
+                time.sleep(FLUSH_INTERVAL_S)
+            self._wake.clear()
+            # Lines queued from here on signal again; those before go out in this flush.
+            self._signalled = False
             self._flush()
-        self._flush()
+            if self._closed:  # set before `close` signals: no signal is missed
+                return
 
     def _flush(self) -> None:
         with self._lock:

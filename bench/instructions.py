@@ -133,14 +133,21 @@ async def main() -> None:
     parser.add_argument(
         "--per-event",
         action="store_true",
-        help="instead: --high streams of 16 and of 64 events 5 ms apart (one chunk each, "
-        "even under valgrind): the difference is the cost of 48 events a stream",
+        help="instead: --high streams of 16 and of 64 paced events (one chunk each, even "
+        "under valgrind): the difference is the cost of 48 events a stream",
+    )
+    parser.add_argument(
+        "--interval-ms",
+        type=int,
+        default=20,
+        help="with --per-event: between events; under valgrind the gateway takes a few ms "
+        "an event, and closer events would reach it several to a chunk",
     )
     args = parser.parse_args()
     env = dict(item.split("=", 1) for item in args.env)
     with tempfile.TemporaryDirectory(prefix="gateway-instructions-") as tmp:
         if args.per_event:
-            paced = {"x-fake-interval-ms": "5"}
+            paced = {"x-fake-interval-ms": str(args.interval_ms)}
             short = await count(
                 args.python, args.high, env, Path(tmp), paced | {"x-fake-events": "16"}
             )

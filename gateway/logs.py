@@ -22,9 +22,11 @@ STDOUT = 1
 STDERR = 2
 # Lines waiting for the writer, at most; about 4 MiB of access lines.
 QUEUE_CAP = 16384
-# After the first line of a batch, the writer waits this long for more before writing them:
-# one write and one wake-up for all the lines of a busy moment, at most this much delay.
+# While lines keep coming, the writer wakes this often and writes what has queued: no signal
+# per line from the loop, one write for many lines, at most this much delay before a line shows.
 FLUSH_INTERVAL_S = 0.05
+# After this many wake-ups with nothing to write (a second), it sleeps until the next line.
+QUIET_POLLS = 20
 # A pipe write up to PIPE_BUF bytes is atomic: lines of several workers sharing one stderr
 # never interleave mid-line.
 PIPE_BUF = 4096
@@ -35,16 +37,27 @@ Render = Callable[[Any], bytes]
 class LineWriter:
     """A thread that writes queued lines to their file descriptors, never blocking `put`."""
 
-    __slots__ = ("_queue", "_cap", "dropped", "_wake", "_signalled", "_lock", "_thread", "_closed")
+    __slots__ = (
+        "_queue",
+        "_cap",
+        "_quiet_polls",
+        "dropped",
+        "_wake",
+        "_signalled",
+        "_lock",
+        "_thread",
+        "_closed",
+    )
 
-    def __init__(self, *, cap: int = QUEUE_CAP) -> None:
+    def __init__(self, *, cap: int = QUEUE_CAP, quiet_polls: int = QUIET_POLLS) -> None:
         self._queue: deque[tuple[int, Render, Any]] = deque()
         self._cap = cap
+        self._quiet_polls = quiet_polls
         self.dropped = 0
-        # The writer sleeps until a batch begins: an idle gateway costs it no wake-up, a busy
-        # one a wake-up per FLUSH_INTERVAL_S, and `put` pays one flag test per line.
+        # True while the writer is awake (polling) or already signalled: `put` then pays one
+        # flag test, and signals only a writer that went to sleep after a quiet second.
         self._wake = threading.Event()
-        self._signalled = False
+        self._signalled = True
         # Held while lines are taken and written, so that an explicit `flush` and the
         # thread never write parts of the queue out of order.
         self._lock = threading.Lock()
@@ -75,16 +88,27 @@ class LineWriter:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        quiet = 0
         while True:
-            self._wake.wait()
-            if not self._closed:
-                time.sleep(FLUSH_INTERVAL_S)
-            self._wake.clear()
-            # Lines queued from here on signal again; those before go out in this flush.
-            self._signalled = False
-            self._flush()
-            if self._closed:  # set before `close` signals: no signal is missed
+            if quiet >= self._quiet_polls:
+                # Nothing for a while: sleep until `put` signals, so an idle gateway's writer
+                # never wakes. Say so first, then look once more, or a line put in between
+                # would wait for the next one.
+                self._signalled = False
+                if not self._queue and not self._closed:
+                    self._wake.wait()
+                self._wake.clear()
+                self._signalled = True
+                quiet = 0
+            if self._closed:
+                self._flush()
                 return
+            time.sleep(FLUSH_INTERVAL_S)
+            if self._queue:
+                self._flush()
+                quiet = 0
+            else:
+                quiet += 1
 
     def _flush(self) -> None:
         with self._lock:

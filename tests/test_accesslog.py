@@ -119,3 +119,20 @@ def test_a_stuck_output_drops_and_counts_lines_past_the_cap_and_never_blocks() -
         os.close(read_end)  # the blocked write fails, and the thread can stop
         writer.close()
         os.close(write_end)
+
+
+@pytest.mark.parametrize("quiet_polls", [0, 1000])
+def test_lines_reach_the_output_whether_the_writer_is_awake_or_asleep(quiet_polls: int) -> None:
+    read_end, write_end = os.pipe()
+    # 0: the writer goes to sleep whenever its queue is empty, so every line must wake it;
+    # 1000: it stays awake, polling, for the whole test.
+    writer = LineWriter(quiet_polls=quiet_polls)
+    try:
+        for index in range(6):
+            line = f"line {index}\n".encode()
+            writer.put(write_end, bytes, line)
+            assert os.read(read_end, 64) == line
+    finally:
+        writer.close()
+        os.close(read_end)
+        os.close(write_end)

@@ -9,7 +9,7 @@ RUFF_FLAGS := --line-length 100 --target-version py311
 $(BIN)/.installed: setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,uvicorn]'
 	touch $@
 
 install: $(BIN)/.installed

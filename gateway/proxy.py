@@ -44,10 +44,15 @@ class ClientGone(Exception):
 
 
 class BodyRefused(Exception):
-    """The request was refused before its body was read to the end."""
+    """The request was refused before its body was read to the end.
+
+    The answer closes the connection: the rest of the body may still be on its way, and no
+    server should go on reading it (hypercorn closes anyway; uvicorn would read it all).
+    """
 
     def __init__(self, error: GatewayError) -> None:
         super().__init__(error.message)
+        error.headers = (*error.headers, (b"connection", b"close"))
         self.error = error
 
 

@@ -3,9 +3,9 @@
 It reads the request body, posts it to one upstream over a pooled session and relays the
 status, the headers and each chunk as it arrives: no routing, no model lookup, no retries, no
 SSE event boundaries, no timeouts, no error envelopes. Served by the same server as the
-gateway and measured in the same run, it shows what hypercorn (or uvicorn, or granian) and aiohttp cost
-on their own; the gateway's figures minus its are what the gateway's own code costs. A floor,
-not a product: it handles no error beyond what it needs not to hang.
+gateway and measured in the same run, it shows what the server (hypercorn, uvicorn or granian)
+and aiohttp cost on their own; the gateway's figures minus its are what the gateway's own code
+costs. A floor, not a product: it handles no error beyond what it needs not to hang.
 
     BARE_UPSTREAM=http://127.0.0.1:8001 python bench/bare_proxy.py hypercorn --port 8080
     BARE_UPSTREAM=http://127.0.0.1:8001 python bench/bare_proxy.py uvicorn --port 8080

@@ -94,7 +94,10 @@ async def running(settings: Settings) -> AsyncIterator[Gateway]:
     )
     checks = asyncio.get_running_loop().create_task(health.run(), name="health-checks")
     try:
-        app = RefuseAmbiguousLength(build_app(registry, proxy, api_keys=settings.api_keys))
+        app = build_app(registry, proxy, api_keys=settings.api_keys)
+        if settings.server == "hypercorn":
+            # uvicorn's parser refuses these requests itself: no check per request there.
+            app = RefuseAmbiguousLength(app)
         yield Gateway(app=app, registry=registry, health=health, proxy=proxy)
     finally:
         checks.cancel()

@@ -44,55 +44,54 @@ class GuardedHttpTools(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline and a size cap for each request's head.
 
     The deadline runs from the connection's start, then from the first byte of each next
-    request (between requests, uvicorn's own keep-alive timeout closes an idle connection).
-    The size counts whole reads that end inside a head, so it can over-count only when a
-    pipelined request's head arrives in the same read as the end of the previous body.
+    request (between requests, uvicorn's own keep-alive timeout closes an idle connection);
+    `sweep_slow_heads` enforces it once a second for every connection, so a request pays
+    two stores for it rather than a timer. The size counts whole reads that end inside a
+    head, so it can over-count only when a pipelined request's head arrives in the same read
+    as the end of the previous body.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_timer: asyncio.TimerHandle | None = None
+        # When the head being read began, on the loop's clock; 0.0 while none is.
+        self.head_since = 0.0
         self._head_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._await_head()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._head_in()
-        super().connection_lost(exc)
+        self.head_since = self.loop.time()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._head_timer is not None:
+        if self.head_since:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
-                self._head_in()
+                self.head_since = 0.0
                 self.transport.write(_HEAD_TOO_LARGE)
                 self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._head_timer is None:
-            self._await_head()
+        if not self.head_since:
+            self.head_since = self.loop.time()
+            self._head_bytes = 0
 
     def on_headers_complete(self) -> None:
-        self._head_in()
+        self.head_since = 0.0
+        self._head_bytes = 0
         super().on_headers_complete()
 
-    def _await_head(self) -> None:
-        self._head_bytes = 0
-        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_late)
 
-    def _head_in(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_late(self) -> None:
-        self._head_timer = None
-        if not self.transport.is_closing():
-            self.transport.close()
+async def sweep_slow_heads(connections: set[Any], loop: asyncio.AbstractEventLoop) -> None:
+    """Close, once a second, every connection whose head is older than HEAD_TIMEOUT_S."""
+    while True:
+        await asyncio.sleep(1.0)
+        oldest = loop.time() - HEAD_TIMEOUT_S
+        for protocol in list(connections):
+            since = getattr(protocol, "head_since", 0.0)
+            if since and since < oldest and not protocol.transport.is_closing():
+                protocol.head_since = 0.0
+                protocol.transport.close()
 
 
 class _DrainingServer(uvicorn.Server):
@@ -111,7 +110,12 @@ class _DrainingServer(uvicorn.Server):
         yield
 
     async def main_loop(self) -> None:
-        await self._drain()
+        loop = asyncio.get_running_loop()
+        sweeper = loop.create_task(sweep_slow_heads(self.server_state.connections, loop))
+        try:
+            await self._drain()
+        finally:
+            sweeper.cancel()
 
 
 async def serve_uvicorn(
@@ -136,6 +140,9 @@ async def serve_uvicorn(
         server_header=False,
         date_header=False,
         backlog=backlog,
+        # X-Forwarded-For and -Proto are the client's to write: trusting them is a choice for
+        # the deployment behind a known proxy, not a default (hypercorn makes none either).
+        proxy_headers=False,
         timeout_keep_alive=int(HEAD_TIMEOUT_S),
         timeout_graceful_shutdown=GRACE_S,
     )

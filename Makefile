@@ -57,7 +57,7 @@ bench: install $(BIN)/.bench-installed
 	$(BIN)/python bench/run.py --quick
 
 bench-full: install $(BIN)/.bench-installed
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py --out-dir bench/results/full
 
 bench-deps: install
 	command -v nginx >/dev/null || test -x /usr/sbin/nginx || \

@@ -9,7 +9,7 @@ RUFF_FLAGS := --line-length 100 --target-version py311
 $(BIN)/.installed: setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,uvicorn]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -57,7 +57,7 @@ bench: install $(BIN)/.bench-installed
 	$(BIN)/python bench/run.py --quick
 
 bench-full: install $(BIN)/.bench-installed
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py --out-dir bench/results/full
 
 bench-deps: install
 	command -v nginx >/dev/null || test -x /usr/sbin/nginx || \

@@ -3,22 +3,24 @@
 It reads the request body, posts it to one upstream over a pooled session and relays the
 status, the headers and each chunk as it arrives: no routing, no model lookup, no retries, no
 SSE event boundaries, no timeouts, no error envelopes. Served by the same server as the
-gateway and measured in the same run, it shows what hypercorn (or uvicorn) and aiohttp cost
-on their own; the gateway's figures minus its are what the gateway's own code costs. A floor,
-not a product: it handles no error beyond what it needs not to hang.
+gateway and measured in the same run, it shows what the server (hypercorn, uvicorn or granian)
+and aiohttp cost on their own; the gateway's figures minus its are what the gateway's own code
+costs. A floor, not a product: it handles no error beyond what it needs not to hang.
 
     BARE_UPSTREAM=http://127.0.0.1:8001 python bench/bare_proxy.py hypercorn --port 8080
     BARE_UPSTREAM=http://127.0.0.1:8001 python bench/bare_proxy.py uvicorn --port 8080
+    BARE_UPSTREAM=http://127.0.0.1:8001 python bench/bare_proxy.py granian --port 8080
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import aiohttp
@@ -39,7 +41,7 @@ NOT_UPSTREAM = HOP_BY_HOP | {b"host"}
 
 
 class BareProxy:
-    """The ASGI app: one upstream, one session opened at lifespan startup, closed at shutdown."""
+    """The ASGI app: one upstream, one session, open while `opened()` is."""
 
     __slots__ = ("upstream", "session")
 
@@ -96,6 +98,12 @@ class BareProxy:
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        await send({"type": "lifespan.shutdown.complete"})
+
+    @contextlib.asynccontextmanager
+    async def opened(self) -> AsyncIterator[BareProxy]:
         # As the gateway's session where it is only a cost (gateway/upstream.py): no pool cap
         # (aiohttp's default is 100, and every open stream holds a connection), no cookie
         # handling, no headers of aiohttp's own.
@@ -105,10 +113,10 @@ class BareProxy:
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
         )
-        await send({"type": "lifespan.startup.complete"})
-        await receive()  # lifespan.shutdown
-        await self.session.close()
-        await send({"type": "lifespan.shutdown.complete"})
+        try:
+            yield self
+        finally:
+            await self.session.close()
 
 
 async def _close_on_disconnect(receive: Receive, response: aiohttp.ClientResponse) -> None:
@@ -117,15 +125,19 @@ async def _close_on_disconnect(receive: Receive, response: aiohttp.ClientRespons
     response.close()
 
 
-async def serve_hypercorn(app: BareProxy, port: int) -> None:
-    from hypercorn.asyncio import serve
-    from hypercorn.config import Config
-
+def _stop_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    return stop
 
+
+async def serve_hypercorn(app: BareProxy, port: int) -> None:
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    stop = _stop_on_signals()
     # As the gateway's own (gateway.server.hypercorn_config), less what only it needs.
     config = Config()
     config.bind = [f"127.0.0.1:{port}"]
@@ -135,30 +147,38 @@ async def serve_hypercorn(app: BareProxy, port: int) -> None:
     config.include_date_header = False
     config.backlog = 4096
     config.graceful_timeout = 1.0
-    await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    async with app.opened():
+        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
 
 async def serve_uvicorn(app: BareProxy, port: int) -> None:
-    import uvicorn
+    from gateway.server import LISTEN_BACKLOG, listening_socket
+    from gateway.uvicorn_server import serve_uvicorn
 
-    # As bench/serve_uvicorn.py serves the gateway; uvicorn handles SIGINT and SIGTERM.
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        log_level="warning",
-        access_log=False,
-        server_header=False,
-        date_header=False,
-        backlog=4096,
-    )
-    await uvicorn.Server(config).serve()
+    # Exactly as the gateway serves itself under GATEWAY_SERVER=uvicorn, guards included.
+    stop = _stop_on_signals()
+    async with app.opened():
+        await serve_uvicorn(
+            app,
+            sock=listening_socket("127.0.0.1", port),
+            backlog=LISTEN_BACKLOG,
+            log_level="warning",
+            drain=stop.wait,
+        )
 
 
-SERVERS = {"hypercorn": serve_hypercorn, "uvicorn": serve_uvicorn}
+async def serve_granian(app: BareProxy, port: int) -> None:
+    try:
+        from bench import granian_asgi
+    except ImportError:  # run as a script
+        import granian_asgi  # type: ignore[import-not-found, no-redef]
+
+    stop = _stop_on_signals()
+    async with app.opened():
+        await granian_asgi.serve(app, host="127.0.0.1", port=port, stop=stop.wait)
+
+
+SERVERS = {"hypercorn": serve_hypercorn, "uvicorn": serve_uvicorn, "granian": serve_granian}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,8 +4,8 @@ A contender knows how to find itself (``missing()`` says why it cannot run here)
 in front of one upstream (``command()``) and its version. ``start()`` runs one, waits until a
 real stream passes through it, and stops it afterwards. ``direct`` is no process at all: the
 load generator talks to the fake vLLM itself, which gives the baseline every proxy adds to.
-``bare-hypercorn`` and ``bare-uvicorn`` are the floor under the gateway: a bare proxy under the
-same server, so that what the gateway costs beyond them is its own code's.
+``bare-hypercorn``, ``bare-uvicorn`` and ``bare-granian`` are the floor under the gateway: a bare
+proxy under the same server, so that what the gateway costs beyond them is its own code's.
 
 Contenders installed by ``make bench-deps`` live in their own virtualenvs under
 ``<venv>/contenders/NAME`` (their pins would fight the gateway's), found from ``sys.prefix``.
@@ -79,12 +79,12 @@ def _dist_version(venv: str, dist: str) -> str:
         return "?"
 
 
-def _uvicorn_missing() -> str | None:
-    for module in ("uvicorn", "httptools"):
+def _server_missing(*modules: str) -> str | None:
+    for module in modules:
         try:
             metadata.version(module)
         except metadata.PackageNotFoundError:
-            return f"{module} is not installed (bench/requirements.txt)"
+            return f"{module} is not installed (make install, bench/requirements.txt)"
     return None
 
 
@@ -152,16 +152,33 @@ class Gateway(Contender):
 
 class GatewayUvicorn(Gateway):
     name = "gateway-uvicorn"
-    about = "the same gateway app served by uvicorn + httptools + uvloop (bench/serve_uvicorn.py)"
+    about = "vllm-gateway with GATEWAY_SERVER=uvicorn (uvicorn + httptools on uvloop)"
 
     def missing(self) -> str | None:
-        return _uvicorn_missing()
+        return _server_missing("uvicorn", "httptools") or super().missing()
 
     def version(self) -> str:
         return f"{metadata.version('vllm-gateway')}, uvicorn {metadata.version('uvicorn')}"
 
+    def env(self, upstream: str, model: str, port: int) -> dict[str, str]:
+        return super().env(upstream, model, port) | {"GATEWAY_SERVER": "uvicorn"}
+
+
+class GatewayGranian(Gateway):
+    name = "gateway-granian"
+    about = (
+        "the same gateway app under granian, one Rust runtime thread, uvloop "
+        "(bench/serve_granian.py): the candidate server not chosen"
+    )
+
+    def missing(self) -> str | None:
+        return _server_missing("granian")
+
+    def version(self) -> str:
+        return f"{metadata.version('vllm-gateway')}, granian {metadata.version('granian')}"
+
     def command(self, upstream: str, model: str, port: int, workdir: Path) -> list[str]:
-        return [sys.executable, str(BENCH / "serve_uvicorn.py")]
+        return [sys.executable, str(BENCH / "serve_granian.py")]
 
 
 class BareHypercorn(Contender):
@@ -189,12 +206,22 @@ class BareHypercorn(Contender):
 class BareUvicorn(BareHypercorn):
     name = "bare-uvicorn"
     about = (
-        "the floor under `gateway-uvicorn`: the same bare proxy under uvicorn + httptools + uvloop"
+        "the floor under `gateway-uvicorn`: the same bare proxy served exactly as the gateway "
+        "serves itself under uvicorn (gateway/uvicorn_server.py)"
     )
     server = "uvicorn"
 
     def missing(self) -> str | None:
-        return _uvicorn_missing()
+        return _server_missing("uvicorn", "httptools")
+
+
+class BareGranian(BareHypercorn):
+    name = "bare-granian"
+    about = "the floor under `gateway-granian`: the same bare proxy under granian"
+    server = "granian"
+
+    def missing(self) -> str | None:
+        return _server_missing("granian")
 
 
 class Nginx(Contender):
@@ -306,6 +333,8 @@ ALL: tuple[Contender, ...] = (
     BareHypercorn(),
     GatewayUvicorn(),
     BareUvicorn(),
+    GatewayGranian(),
+    BareGranian(),
     Nginx(),
     VllmRouter(),
     Litellm(),

@@ -42,6 +42,11 @@ GROUPS: tuple[tuple[str, str], ...] = (
     ("h11/", "server: hypercorn + h11"),
     ("uvicorn/", "server: uvicorn"),
     ("httptools/", "server: uvicorn"),
+    # The guards gateway/uvicorn_server.py adds to uvicorn's protocol are server code.
+    ("gateway/uvicorn_server.py", "server: uvicorn"),
+    # Granian's Rust thread has no Python frames: py-spy sees only its Python side.
+    ("granian/", "server: granian (Python side)"),
+    ("granian_asgi.py", "server: granian (Python side)"),
     ("aiohttp/", "upstream client: aiohttp"),
     ("multidict/", "upstream client: aiohttp"),
     ("yarl/", "upstream client: aiohttp"),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Smoke test of the image, with buildah alone (no docker daemon, no registry needed):
 # build it, run it against a fake vLLM on this host, stream one chat completion through it,
-# then stop it with SIGTERM. Prints one PASS/FAIL line per check; exits 1 if any failed.
+# then stop it with SIGTERM; the same with GATEWAY_SERVER=uvicorn, and with GATEWAY_WORKERS=2.
+# Prints one PASS/FAIL line per check; exits 1 if any failed.
 #
 #   docker/smoke.sh                                # local Debian base (built once if missing)
 #   BASE=python:3.11-slim docker/smoke.sh          # where a registry is reachable
@@ -24,6 +25,7 @@ RUN=(buildah run --isolation chroot)
 tmp=$(mktemp -d /tmp/vllm-gateway-smoke.XXXXXX)
 fake_pid=
 gateway_pid=
+uvicorn_pid=
 workers_pid=
 ctr=
 hc_ctr=
@@ -53,6 +55,7 @@ stop_tree() {
 }
 cleanup() {
     if [[ -n $gateway_pid ]]; then stop_tree "$gateway_pid"; fi
+    if [[ -n $uvicorn_pid ]]; then stop_tree "$uvicorn_pid"; fi
     if [[ -n $workers_pid ]]; then stop_tree "$workers_pid"; fi
     if [[ -n $fake_pid ]]; then stop_tree "$fake_pid"; fi
     local ctr
@@ -240,6 +243,40 @@ if sigterm_gateway "$gateway_pid" 15; then
     gateway_pid=
 else
     fail "gateway: $stop_problem"
+fi
+
+# --- the second server -----------------------------------------------------------------------
+# One variable switches the image to uvicorn: its log names the server, its process has
+# uvicorn's C parser (httptools) loaded, and a stream passes as under hypercorn.
+port=$(free_port)
+gateway=http://127.0.0.1:$port
+"${RUN[@]}" --env "GATEWAY_BACKENDS=$backend" --env "GATEWAY_PORT=$port" \
+    --env GATEWAY_HOST=127.0.0.1 --env GATEWAY_HEALTH_INTERVAL_S=1 --env GATEWAY_SERVER=uvicorn \
+    "$ctr" -- vllm-gateway >"$tmp/uvicorn.log" 2>&1 &
+uvicorn_pid=$!
+if wait_for 30 ready; then
+    served_by=
+    for pid in $(tree "$uvicorn_pid"); do
+        if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == vllm-gateway ]] \
+            && grep -q httptools "/proc/$pid/maps" 2>/dev/null; then served_by=$pid; fi
+    done
+    stream "$gateway" >"$tmp/via-uvicorn.sse" || true
+    if grep -q ', server uvicorn$' "$tmp/uvicorn.log" && [[ -n $served_by ]] \
+        && cmp -s <(strip_created "$tmp/via-uvicorn.sse") <(strip_created "$tmp/direct.sse"); then
+        pass "GATEWAY_SERVER=uvicorn: served by uvicorn (httptools loaded in pid $served_by), same stream"
+    else
+        fail "GATEWAY_SERVER=uvicorn: log '$(grep -o 'server [a-z]*$' "$tmp/uvicorn.log")'," \
+            "httptools pid '$served_by', stream $(head -c 200 "$tmp/via-uvicorn.sse")"
+    fi
+    if sigterm_gateway "$uvicorn_pid" 15; then
+        pass "GATEWAY_SERVER=uvicorn: exits on SIGTERM"
+        uvicorn_pid=
+    else
+        fail "GATEWAY_SERVER=uvicorn: $stop_problem"
+    fi
+else
+    fail "GATEWAY_SERVER=uvicorn: not ready within 30 s; log:"
+    tail -n 30 "$tmp/uvicorn.log"
 fi
 
 # --- several workers -------------------------------------------------------------------------

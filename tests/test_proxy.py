@@ -239,6 +239,41 @@ async def test_chunked_body_over_the_limit_is_413_before_any_upstream_request(
     assert alpha.seen == []
 
 
+async def test_a_refused_body_still_arriving_is_answered_at_once_and_the_connection_closed(
+    start_fake: StartFake, start_gateway: StartGateway
+) -> None:
+    alpha = await start_fake("alpha")
+    gateway = await start_gateway(alpha, GATEWAY_MAX_BODY_BYTES="1000")
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    size = 64 * 1024 * 1024
+    writer.write(
+        b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: gw\r\nContent-Length: "
+        + str(size).encode() + b"\r\n\r\n"
+    )  # fmt: skip
+
+    async def send_body() -> bool:
+        try:
+            for _ in range(size // 65536):
+                writer.write(b"x" * 65536)
+                await writer.drain()
+        except ConnectionError:
+            return False  # the server closed the connection
+        return True
+
+    sender = asyncio.create_task(send_body())
+    answer = b""
+    try:
+        while chunk := await reader.read(65536):
+            answer += chunk
+    except ConnectionError:
+        pass  # closed with the unread body in its buffer: the kernel resets
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert not await sender, "the server read the whole refused body"
+    writer.close()
+    assert alpha.seen == []
+
+
 async def test_chunked_body_under_the_limit_is_forwarded_whole(
     start_fake: StartFake, start_gateway: StartGateway, client: aiohttp.ClientSession
 ) -> None:
@@ -485,8 +520,8 @@ async def test_content_length_with_transfer_encoding_is_400_and_the_connection_c
     answer = await asyncio.wait_for(reader.read(), 10)  # to EOF: the gateway closes
     writer.close()
     head, _, rest = answer.partition(b"\r\n\r\n")
+    # Refused by the gateway under hypercorn, by uvicorn's own parser under uvicorn.
     assert head.startswith(b"HTTP/1.1 400")
     assert b"connection: close" in head.lower()
-    assert b"Content-Length and Transfer-Encoding" in rest
     assert b"HTTP/1.1" not in rest, "a second answer: the follower was read as a request"
     assert alpha.seen == []

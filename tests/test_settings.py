@@ -133,6 +133,16 @@ def test_workers_parse() -> None:
     assert Settings.from_environ({"GATEWAY_WORKERS": " 4 ", **ONE}).workers == 4
 
 
+def test_server_is_hypercorn_unless_uvicorn_is_chosen() -> None:
+    assert Settings.from_environ(ONE).server == "hypercorn"
+    assert Settings.from_environ({"GATEWAY_SERVER": " Uvicorn ", **ONE}).server == "uvicorn"
+
+
+def test_an_unknown_server_is_refused_naming_the_choices() -> None:
+    (problem,) = problems({"GATEWAY_SERVER": "granian", **ONE})
+    assert problem.startswith("GATEWAY_SERVER='granian'") and "hypercorn, uvicorn" in problem
+
+
 def test_help_lists_every_variable_with_its_default() -> None:
     text = help_text()
     for variable in VARIABLES:

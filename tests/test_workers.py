@@ -116,8 +116,8 @@ async def exited(pid: int) -> None:
 
 
 @asynccontextmanager
-async def gateway_command(backend: FakeVllm, **env: str) -> AsyncIterator[Command]:
-    """`vllm-gateway` with two workers in front of `backend`, on a free port."""
+async def gateway_command(backend: FakeVllm, server: str, **env: str) -> AsyncIterator[Command]:
+    """`vllm-gateway` with two workers under `server` in front of `backend`, on a free port."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -129,6 +129,7 @@ async def gateway_command(backend: FakeVllm, **env: str) -> AsyncIterator[Comman
         "GATEWAY_WORKERS": "2",
         "GATEWAY_HEALTH_INTERVAL_S": "0.05",
         "GATEWAY_LOG_LEVEL": "info",
+        "GATEWAY_SERVER": server,
     }
     process = await asyncio.create_subprocess_exec(
         COMMAND, env=clean | environ | env, stderr=asyncio.subprocess.PIPE
@@ -177,19 +178,21 @@ async def serving_processes(client: aiohttp.ClientSession, url: str, count: int)
     return prefixes
 
 
-async def test_both_workers_serve_connections_on_the_one_port(start_fake: StartFake) -> None:
+async def test_both_workers_serve_connections_on_the_one_port(
+    start_fake: StartFake, server: str
+) -> None:
     alpha = await start_fake("alpha")
-    async with gateway_command(alpha) as gateway, fresh_connections() as client:
+    async with gateway_command(alpha, server) as gateway, fresh_connections() as client:
         assert len(gateway.workers()) == 2
         # The kernel hashes each connection to a socket: all 64 on one has odds of 2**-63.
         assert len(await serving_processes(client, gateway.url, 64)) == 2
 
 
 async def test_a_killed_worker_is_replaced_and_its_queued_connections_answered(
-    start_fake: StartFake,
+    start_fake: StartFake, server: str
 ) -> None:
     alpha = await start_fake("alpha")
-    async with gateway_command(alpha) as gateway, fresh_connections() as client:
+    async with gateway_command(alpha, server) as gateway, fresh_connections() as client:
         before = gateway.workers()
         assert len(before) == 2
         victim = min(before)
@@ -218,11 +221,11 @@ async def test_a_killed_worker_is_replaced_and_its_queued_connections_answered(
 
 
 async def test_sigterm_drains_every_worker_then_the_supervisor_exits_0(
-    start_fake: StartFake, client: aiohttp.ClientSession
+    start_fake: StartFake, server: str, client: aiohttp.ClientSession
 ) -> None:
     gate = asyncio.Event()
     alpha = await start_fake("alpha", gate=gate)
-    async with gateway_command(alpha, GATEWAY_DRAIN_TIMEOUT_S="30") as gateway:
+    async with gateway_command(alpha, server, GATEWAY_DRAIN_TIMEOUT_S="30") as gateway:
         workers = gateway.workers()
         assert len(workers) == 2
         async with client.post(gateway.url + CHAT, data=chat("alpha", stream=True)) as stream:
@@ -241,10 +244,10 @@ async def test_sigterm_drains_every_worker_then_the_supervisor_exits_0(
 
 
 async def test_workers_do_not_outlive_a_supervisor_killed_with_sigkill(
-    start_fake: StartFake,
+    start_fake: StartFake, server: str
 ) -> None:
     alpha = await start_fake("alpha")
-    async with gateway_command(alpha) as gateway:
+    async with gateway_command(alpha, server) as gateway:
         workers = gateway.workers()
         assert len(workers) == 2
         gateway.process.kill()
@@ -255,10 +258,10 @@ async def test_workers_do_not_outlive_a_supervisor_killed_with_sigkill(
 
 
 async def test_any_worker_scrapes_the_sum_of_all_and_a_killed_one_keeps_its_counts(
-    start_fake: StartFake,
+    start_fake: StartFake, server: str
 ) -> None:
     alpha = await start_fake("alpha")
-    async with gateway_command(alpha) as gateway, fresh_connections() as client:
+    async with gateway_command(alpha, server) as gateway, fresh_connections() as client:
         prefixes = await serving_processes(client, gateway.url, 32)
         assert len(prefixes) == 2, "both workers served some of the requests"
 

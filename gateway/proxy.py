@@ -216,7 +216,7 @@ class Proxy:
             return
         try:
             try:
-                replica = self._registry.pick(model)
+                replica = self._registry.pick(model, body)
             except GatewayError as error:
                 await error.send_to(send)
                 return

@@ -19,6 +19,7 @@ from gateway.exchange import Forwarder
 from gateway.health import HealthChecker
 from gateway.proxy import Inflight, Proxy
 from gateway.replicas import Registry
+from gateway.routing import make_policy
 from gateway.settings import Settings
 from gateway.types import ASGIApp
 from gateway.upstream import create_session
@@ -68,6 +69,12 @@ async def running(settings: Settings) -> AsyncIterator[Gateway]:
         eject_after=settings.eject_failures,
         eject_base_s=settings.eject_base_s,
         eject_max_s=settings.eject_max_s,
+        policy=make_policy(
+            settings.routing,
+            index_entries=settings.prefix_index_entries,
+            load_factor=settings.prefix_load_factor,
+            block_bytes=settings.prefix_block_bytes,
+        ),
     )
     health = HealthChecker(
         registry,

@@ -38,10 +38,11 @@ PROMPT_KEYS: Final = (b'"messages"', b'"prompt"', b'"input"')
 # its first blocks already tell conversations apart.
 MAX_BLOCKS: Final = 2048
 
-# Bytes per entry at the default capacity (160,000), measured with tracemalloc on CPython
-# 3.11 (tests/test_prefix_index.py measures it again): an OrderedDict slot, its linked-list
-# node and the int key; the epochs entries point to are shared. Other capacities measure 148
-# to 232 bytes an entry, by how full the dict's hash table is at that size.
+# Bytes per entry at the default capacity (160,000) once evictions run, measured with
+# tracemalloc on CPython 3.11 (tests/test_prefix_index.py measures it again): an OrderedDict
+# slot, its linked-list node and the int key; the epochs entries point to are shared. While
+# the table is rebuilt the peak reaches 221 bytes an entry; other capacities measure 148 to
+# 232 bytes an entry, by how full the dict's hash table is at that size.
 ENTRY_BYTES: Final = 156
 
 
@@ -87,27 +88,23 @@ def block_keys(body: bytes, model: str, block_bytes: int) -> list[int]:
 class PrefixIndex:
     """A fixed-capacity LRU map from block key to the epoch that last served it (or SHARED)."""
 
-    __slots__ = ("capacity", "lookups", "hits", "_entries")
+    __slots__ = ("capacity", "_entries")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        # Requests whose keys were looked up, and those whose deepest known block had a live
-        # owner (the router can use it: whether the load bound then lets it is another matter).
-        self.lookups = 0
-        self.hits = 0
         self._entries: OrderedDict[int, Epoch | Shared] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def owner(self, keys: Sequence[int]) -> Epoch | None:
-        """The live epoch that last served the deepest known block of `keys`, if any.
+    def deepest(self, keys: Sequence[int]) -> tuple[int, Epoch | None]:
+        """How many leading blocks of `keys` are known, and the live epoch that last served
+        the deepest of them.
 
-        None when no block is known, when the deepest one is SHARED, or when its epoch has
-        ended: a shallower block can only be owned by the same epoch or be shared.
+        No epoch when no block is known, when the deepest one is SHARED, or when its epoch
+        has ended: a shallower block can only be owned by the same epoch or be shared.
         """
         entries = self._entries
-        self.lookups += 1
         # Deepest present key, by binary search: the index is prefix-closed.
         low, high = 0, len(keys)
         while low < high:
@@ -117,12 +114,11 @@ class PrefixIndex:
             else:
                 high = middle - 1
         if low == 0:
-            return None
+            return 0, None
         value = entries[keys[low - 1]]
         if value is Shared.SHARED or value.replica is None:
-            return None
-        self.hits += 1
-        return value
+            return low, None
+        return low, value
 
     def record(self, keys: Sequence[int], epoch: Epoch) -> None:
         """`epoch`'s replica now holds every block of `keys`; touch them, deepest first."""
@@ -140,7 +136,4 @@ class PrefixIndex:
             entries.popitem(last=False)
 
     def __repr__(self) -> str:
-        return (
-            f"<PrefixIndex [{len(self._entries)} of {self.capacity} entries"
-            f" | {self.hits} hits of {self.lookups} lookups]>"
-        )
+        return f"<PrefixIndex [{len(self._entries)} of {self.capacity} entries]>"

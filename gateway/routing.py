@@ -25,6 +25,13 @@ if TYPE_CHECKING:
 
 ROUTING_POLICIES: Final = ("round_robin", "least_loaded", "prefix")
 
+# A known prefix routes the request only when it covers at least this share of its blocks.
+# A new conversation that shares only a system prompt with what one replica has seen is then
+# spread like any new request (the other replicas compute the prompt once and hold it too),
+# while the next turn of a conversation, which resends all of the previous one, follows it.
+# Below the threshold the cache would save less than half of the prefill anyway.
+MIN_MATCH: Final = 0.5
+
 
 @dataclass(frozen=True)
 class ReplicaLoad:
@@ -39,8 +46,8 @@ class RoutingState:
     policy: str
     index_entries: int
     index_capacity: int
-    # Requests whose prompt blocks were looked up, and those whose deepest known block was
-    # held by a live replica.
+    # Requests whose prompt blocks were looked up, and those routed by a known prefix (a live
+    # replica held at least MIN_MATCH of their blocks), whether or not the bound then let it.
     index_lookups: int
     index_hits: int
     # Requests the load bound sent away from the replica that held their prefix.
@@ -170,13 +177,15 @@ class PrefixAffinity(Policy):
     records it there.
     """
 
-    __slots__ = ("load_factor", "block_bytes", "index", "spills")
+    __slots__ = ("load_factor", "block_bytes", "index", "lookups", "hits", "spills")
     name = "prefix"
 
     def __init__(self, *, capacity: int, load_factor: float, block_bytes: int) -> None:
         self.load_factor = load_factor
         self.block_bytes = block_bytes
         self.index = PrefixIndex(capacity)
+        self.lookups = 0
+        self.hits = 0
         self.spills = 0
 
     def pick(
@@ -191,9 +200,11 @@ class PrefixAffinity(Policy):
         keys = block_keys(body, route.model, self.block_bytes)
         if not keys:
             return take(route, least_loaded(candidates), panic)
-        owner = self.index.owner(keys)
+        self.lookups += 1
+        depth, owner = self.index.deepest(keys)
         choice = None
-        if owner is not None and owner.replica in candidates:
+        if owner is not None and owner.replica in candidates and depth >= MIN_MATCH * len(keys):
+            self.hits += 1
             choice = owner.replica
             if not self._within_bound(choice, candidates):
                 self.spills += 1
@@ -217,8 +228,8 @@ class PrefixAffinity(Policy):
             self.name,
             len(index),
             index.capacity,
-            index.lookups,
-            index.hits,
+            self.lookups,
+            self.hits,
             self.spills,
             _loads(replicas),
         )
@@ -227,8 +238,8 @@ class PrefixAffinity(Policy):
         index = self.index
         return (
             f"<PrefixAffinity [c {self.load_factor:g}, blocks of {self.block_bytes} B"
-            f" | index {len(index)} of {index.capacity} entries, {index.hits} hits of"
-            f" {index.lookups} lookups | {self.spills} spills]>"
+            f" | index {len(index)} of {index.capacity} entries, {self.hits} hits of"
+            f" {self.lookups} lookups | {self.spills} spills]>"
         )
 
 

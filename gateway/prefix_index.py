@@ -2,11 +2,14 @@
 
 Contract:
 - A request's key is read from its raw body bytes, never from a second JSON parse: from where
-  the prompt starts (the first of `"messages"`, `"prompt"`, `"input"`), fixed-size blocks are
-  hashed in a chain (CRC-32 carried from block to block, seeded with the model id), so block
-  N's key stands for everything from the prompt's start to the end of block N. Turn N+1 of a
-  conversation resends turn N's bytes and adds to them: it shares turn N's leading keys,
+  the prompt starts (the first of `"messages"`, `"prompt"`, `"input"`), blocks are hashed in
+  a chain (each block's hash taken with the one before, the first with the model id), so
+  block N's key stands for everything from the prompt's start to the end of block N. Turn N+1
+  of a conversation resends turn N's bytes and adds to them: it shares turn N's leading keys,
   whatever fields come before the prompt.
+- Blocks are `block_bytes` long for the first 16, then each 16 twice as long as the 16
+  before: fine-grained where conversations part, and a 200 KB prompt is 89 blocks rather
+  than 800 (the cost of a key is mostly per block, and so is the index's memory).
 - The index maps a key to the `Epoch` of the replica that last served it, or to `SHARED` once
   two replicas have: a block every replica holds (a shared system prompt) tells them apart no
   more than a block nobody holds.
@@ -24,7 +27,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from enum import Enum
 from typing import TYPE_CHECKING, Final
-from zlib import crc32
 
 if TYPE_CHECKING:
     from gateway.replicas import Epoch
@@ -34,16 +36,15 @@ if TYPE_CHECKING:
 # is escaped as `\"input\"` and cannot match.
 PROMPT_KEYS: Final = (b'"messages"', b'"prompt"', b'"input"')
 
-# One request indexes at most this many blocks: a 32 MiB body must not flush the index, and
-# its first blocks already tell conversations apart.
-MAX_BLOCKS: Final = 2048
+# Blocks keep their size this many at a time, then double.
+GROWTH_EVERY: Final = 16
 
 # Bytes per entry at the default capacity (160,000) once evictions run, measured with
 # tracemalloc on CPython 3.11 (tests/test_prefix_index.py measures it again): an OrderedDict
-# slot, its linked-list node and the int key; the epochs entries point to are shared. While
-# the table is rebuilt the peak reaches 221 bytes an entry; other capacities measure 148 to
-# 232 bytes an entry, by how full the dict's hash table is at that size.
-ENTRY_BYTES: Final = 156
+# slot, its linked-list node and the 64-bit int key; the epochs entries point to are shared.
+# While the table is rebuilt the peak reaches 225 bytes an entry. Other capacities measure up
+# to about 235 bytes an entry, by how full the dict's hash table is at that size.
+ENTRY_BYTES: Final = 159
 
 
 class Shared(Enum):
@@ -67,22 +68,31 @@ def prompt_start(body: bytes) -> int:
 def block_keys(body: bytes, model: str, block_bytes: int) -> list[int]:
     """The chained keys of the body's whole blocks from where the prompt starts.
 
-    Key N is (N << 32) | the CRC-32 of the prompt's first N blocks: the position keeps two
-    prefixes of different lengths apart even when their CRCs collide.
+    Python's own 64-bit hash of bytes (SipHash), taken on memoryview slices so no block is
+    copied: per process, which is all an in-process index needs.
     """
-    start = prompt_start(body)
-    stop = min(len(body), start + block_bytes * MAX_BLOCKS) - block_bytes
-    if stop < start:
-        return []
+    at = prompt_start(body)
+    end = len(body)
     view = memoryview(body)
-    chain = crc32(model.encode())
+    chain = hash(model)
     keys = []
-    number = 0
-    for at in range(start, stop + 1, block_bytes):
-        chain = crc32(view[at : at + block_bytes], chain)
-        number += 1
-        keys.append(number << 32 | chain)
+    size = block_bytes
+    left = GROWTH_EVERY
+    while at + size <= end:
+        chain = hash((chain, view[at : at + size]))
+        keys.append(chain)
+        at += size
+        left -= 1
+        if not left:
+            size *= 2
+            left = GROWTH_EVERY
     return keys
+
+
+def span(blocks: int, block_bytes: int) -> int:
+    """How many bytes of the prompt the first `blocks` blocks cover."""
+    doublings, rest = divmod(blocks, GROWTH_EVERY)
+    return block_bytes * (GROWTH_EVERY * ((1 << doublings) - 1) + rest * (1 << doublings))
 
 
 class PrefixIndex:

@@ -18,14 +18,15 @@ from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Final
 
-from gateway.prefix_index import PrefixIndex, block_keys
+from gateway.prefix_index import PrefixIndex, block_keys, span
 
 if TYPE_CHECKING:
     from gateway.replicas import ModelRoute, Replica
 
 ROUTING_POLICIES: Final = ("round_robin", "least_loaded", "prefix")
 
-# A known prefix routes the request only when it covers at least this share of its blocks.
+# A known prefix routes the request only when it covers at least this share of the bytes
+# its whole blocks cover.
 # A new conversation that shares only a system prompt with what one replica has seen is then
 # spread like any new request (the other replicas compute the prompt once and hold it too),
 # while the next turn of a conversation, which resends all of the previous one, follows it.
@@ -203,7 +204,7 @@ class PrefixAffinity(Policy):
         self.lookups += 1
         depth, owner = self.index.deepest(keys)
         choice = None
-        if owner is not None and owner.replica in candidates and depth >= MIN_MATCH * len(keys):
+        if owner is not None and owner.replica in candidates and self._enough(depth, len(keys)):
             self.hits += 1
             choice = owner.replica
             if not self._within_bound(choice, candidates):
@@ -213,6 +214,9 @@ class PrefixAffinity(Policy):
             choice = least_loaded(candidates)
         self.index.record(keys, choice.epoch)
         return take(route, choice, panic)
+
+    def _enough(self, depth: int, blocks: int) -> bool:
+        return span(depth, self.block_bytes) >= MIN_MATCH * span(blocks, self.block_bytes)
 
     def _within_bound(self, replica: Replica, candidates: list[Replica]) -> bool:
         # inflight + 1 <= c * ((total + 1) / n + 1), multiplied out by n.

@@ -158,8 +158,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "GATEWAY_PREFIX_BLOCK_BYTES",
         "256",
-        "With GATEWAY_ROUTING=prefix: the prompt is hashed in blocks of this many bytes of "
-        "the request body (about 64 tokens of English); 64 to 65536.",
+        "With GATEWAY_ROUTING=prefix: the prompt is hashed in blocks of the request body, "
+        "the first 16 of this many bytes (about 64 tokens of English), each further 16 twice "
+        "as long as the 16 before; 64 to 65536.",
     ),
     Variable(
         "GATEWAY_MAX_CONCURRENCY",

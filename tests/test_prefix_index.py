@@ -8,7 +8,7 @@ import tracemalloc
 import orjson
 
 from gateway.backends import Backend
-from gateway.prefix_index import ENTRY_BYTES, MAX_BLOCKS, PrefixIndex, block_keys, prompt_start
+from gateway.prefix_index import ENTRY_BYTES, PrefixIndex, block_keys, prompt_start, span
 from gateway.replicas import Replica
 
 BLOCK = 256
@@ -58,10 +58,16 @@ def test_keys_differ_by_model_so_adapters_of_one_base_do_not_share() -> None:
     assert set(block_keys(data, "base", BLOCK)).isdisjoint(block_keys(data, "sql-lora", BLOCK))
 
 
-def test_a_body_shorter_than_a_block_has_no_key_and_a_huge_one_is_capped() -> None:
+def test_a_body_shorter_than_a_block_has_no_key_and_long_ones_have_few() -> None:
     assert block_keys(b'{"model":"m","prompt":"hi"}', "m", BLOCK) == []
-    huge = b'{"model":"m","prompt":"' + b"x" * (BLOCK * (MAX_BLOCKS + 10)) + b'"}'
-    assert len(block_keys(huge, "m", BLOCK)) == MAX_BLOCKS
+    # 16 blocks of 256 bytes, 16 of 512, 16 of 1 KiB...: 200 KB of prompt is 89 blocks.
+    long = b'{"model":"m","prompt":"' + b"x" * 204_800 + b'"}'
+    keys = block_keys(long, "m", BLOCK)
+    assert len(keys) == 89 and len(set(keys)) == 89
+    assert span(89, BLOCK) <= len(long) - 13 < span(90, BLOCK)
+    assert [span(n, BLOCK) for n in (0, 1, 16, 17, 32)] == [0, 256, 4096, 4608, 12288]
+    huge = b'{"model":"m","prompt":"' + b"x" * (32 << 20) + b'"}'
+    assert len(block_keys(huge, "m", BLOCK)) < 220
 
 
 def test_the_deepest_known_block_names_its_owner() -> None:
@@ -124,7 +130,8 @@ def test_memory_per_entry_is_what_the_settings_state_and_stays_flat_at_the_cap()
     capacity = 160_000
     owner = replica()
     index = PrefixIndex(capacity)
-    keys = ((5 << 32) | (number * 2654435761 & 0xFFFFFFFF) for number in range(4 * capacity))
+    # Keys as block_keys makes them: full 64-bit hashes.
+    keys = (hash((number, b"block")) for number in range(4 * capacity))
 
     def flood(count: int) -> int:
         for _ in range(count):

@@ -13,7 +13,7 @@ MODEL = "sim-model"
 # Fast enough for a unit test: the timing is not what is checked.
 QUICK = CacheSpec(cache_blocks=64, prefill_us_per_token=1.0, decode_ms_per_token=0.1)
 
-VLLM_METRICS = b"""# HELP vllm:prefix_cache_queries Prefix cache queries, in terms of number of queried tokens.
+VLLM_METRICS = b"""# HELP vllm:prefix_cache_queries Prefix cache queries, in queried tokens.
 # TYPE vllm:prefix_cache_queries_total counter
 vllm:prefix_cache_queries_total{engine="0",model_name="m"} 902.0
 vllm:prefix_cache_hits_total{engine="0",model_name="m"} 384.0

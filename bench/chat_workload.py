@@ -8,6 +8,8 @@ due at random (Poisson) times, N/qps seconds apart on average, and a round waits
 previous answer if that comes later (qps 0: each round as soon as the previous answer is in).
 Random rather than fixed gaps: with fixed ones, N users a multiple of the replica count put
 each user on the same replica every round under round-robin, which real traffic never does.
+With ``--duration`` the N users are sessions: a user who has had its M rounds is replaced by
+a new one, so the offered load holds steady, and no round starts after the duration.
 ``--no-reuse`` sends fresh random prompts instead: nothing to reuse anywhere.
 
 Reported: TTFT p50/p90/p99 (request sent to first SSE event), request and output-token
@@ -73,6 +75,7 @@ class ChatSpec:
     timeout_s: float = 600.0
     seed: int = 1
     metrics: tuple[str, ...] = ()
+    duration_s: float = 0.0  # > 0: users are replaced as they finish, until this is over
 
 
 @dataclass
@@ -243,23 +246,34 @@ async def run_chat(spec: ChatSpec) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         start = loop.time()
 
+        end = start + spec.duration_s if spec.duration_s else float("inf")
+
         async def converse(user: User) -> None:
             timing = random.Random(spec.seed * 7919 + user.number)
             due = start + timing.random() * gap
-            for _ in range(spec.rounds):
-                delay = due - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                due += timing.expovariate(1 / gap) if gap else 0.0
-                await one_round(session, spec, user, result)
+            while True:
+                for _ in range(spec.rounds):
+                    if due >= end:
+                        return
+                    delay = due - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    due += timing.expovariate(1 / gap) if gap else 0.0
+                    await one_round(session, spec, user, result)
+                if not spec.duration_s:
+                    return
+                user = User(user.number + spec.users, spec, system)
+                started.append(user.number)
 
+        started: list[int] = []
         await asyncio.gather(*(converse(user) for user in users))
         elapsed = loop.time() - start
         after = await scrape(session, spec.metrics) if spec.metrics else []
     done = len(result.ttft_s)
     summary: dict[str, Any] = {
-        "users": spec.users,
+        "users": spec.users + len(started),
         "rounds": spec.rounds,
+        "duration_s": spec.duration_s,
         "offered_qps": spec.qps,
         "requests_ok": done,
         "errors": result.errors,
@@ -293,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--user-header", default="", help="send each user's id in this header (X-User-ID)")
     add("--metrics", action="append", default=[], help="a replica's base URL (repeatable)")
     add("--seed", type=int, default=1)
+    add("--duration", type=float, default=0.0, help="seconds; users replaced as they finish")
     args = parser.parse_args(argv)
     spec = ChatSpec(
         url=args.url,
@@ -308,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         user_header=args.user_header,
         seed=args.seed,
         metrics=tuple(args.metrics),
+        duration_s=args.duration,
     )
     summary = asyncio.run(run_chat(spec))
     print(json.dumps(summary, indent=2))

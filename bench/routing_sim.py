@@ -5,15 +5,20 @@
 
 Every replica is the fake vLLM with its cache model (``cache_model.py``: a Llama-3.1-8B on
 an H100, the sources of each constant are there), all in one process pinned to core 1 with
-this process, which runs the multi-round chat workload (``chat_workload.py``). The gateway
-runs pinned alone on core 0, once per policy and offered load, the policies in alternating
-order. Before each run every replica's cache and counters are emptied.
+this process, which runs the multi-round chat workload (``chat_workload.py``: N user sessions
+at once, each user replaced by a new one after its rounds, for a fixed duration). The
+gateway runs pinned alone on core 0 (``serve_checked.py``: the gateway's own server, objects
+and settings, with each routing decision checked against the load bound), once per policy and
+offered load, the policies in alternating order. Before each run every replica's cache and
+counters are emptied.
 
-Reported per policy and offered load: TTFT p50/p90/p99, requests and output tokens a
-second, errors, the prefix-cache hit rate and each replica's share, and the load bound as it
-landed: the peak over arrivals of a replica's active requests / (the average + 1), against
-GATEWAY_PREFIX_LOAD_FACTOR. Then the no-reuse workload (fresh random prompts) at the highest
-load, round_robin against prefix. Written to bench/results/routing_sim.{md,json,png}.
+Reported per policy and offered load: TTFT p50/p90/p99, requests and output tokens a second
+(completed, over the time from the first request to the last answer), errors, the
+prefix-cache hit rate, the busiest replica's share of the requests, and the load bound: the
+peak over the gateway's picks of the chosen replica's requests in flight / (the average + 1),
+both counting the request being placed, which GATEWAY_PREFIX_LOAD_FACTOR (1.25) bounds for
+`prefix`. Then the no-reuse workload (fresh random prompts) at the highest load, round_robin
+against prefix in alternating pairs. Written to bench/results/routing_sim.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import json
 import os
 import sys
 import tempfile
@@ -65,16 +71,29 @@ async def start_fakes(count: int, core: int | None) -> tuple[asyncio.subprocess.
     return proc, urls
 
 
+class CheckedGateway(rb.RoutedGateway):
+    """The gateway run by serve_checked.py, which reports the load bound of its picks."""
+
+    def command(self, upstream: str, model: str, port: int, workdir: Path) -> list[str]:
+        return [sys.executable, str(cs.BENCH / "serve_checked.py")]
+
+
 async def one_run(
     policy: str, spec: ChatSpec, replicas: list[str], *, workdir: Path, core: int | None
 ) -> dict[str, Any]:
-    contender = rb.RoutedGateway(policy)
+    contender = CheckedGateway(policy)
     async with rb.in_front(contender, replicas, MODEL, workdir=workdir, core=core) as url:
         await rb.reset_caches(replicas)
         summary = await run_chat(replace(spec, url=url, metrics=tuple(replicas)))
         stats = await rb.fake_stats(replicas[0])
+    log = (workdir / f"{contender.name}.log").read_text()
+    line = next(line for line in log.splitlines() if line.startswith("load bound: "))
+    checked = json.loads(line.removeprefix("load bound: "))
     summary["policy"] = policy
-    summary["load_bound_peak"] = round(stats.get("cluster_peak_ratio", 0.0), 3)
+    summary["load_bound_peak"] = round(checked["peak"], 3)
+    summary["picks"] = checked["picks"]
+    # The same ratio as the fakes saw the requests land (their view lags the gateway's).
+    summary["landed_peak"] = round(stats.get("cluster_peak_ratio", 0.0), 3)
     return summary
 
 
@@ -106,7 +125,7 @@ HEADERS = [
     "errors",
     "hit rate",
     "busiest replica",
-    "load peak / (avg+1)",
+    "peak load / (avg+1)",
 ]
 
 
@@ -152,6 +171,7 @@ async def main_async(args: argparse.Namespace) -> int:
         context_words=args.context_words,
         question_words=20,
         answer_tokens=args.answer_tokens,
+        duration_s=args.duration,
     )
     runs: list[dict[str, Any]] = []
     proc, replicas = await start_fakes(args.replicas, load_core)
@@ -201,9 +221,10 @@ def render(
         f"# Routing by simulation ({when})",
         "",
         f"`{' '.join(sys.argv)}`: {args.replicas} fake replicas with the cache model "
-        f"(bench/cache_model.py), {args.users} users x {args.rounds} rounds, system prompt "
-        f"{args.system_words} words, own context {args.context_words} words, answers "
-        f"{args.answer_tokens} tokens. Load average at start: {load[0]:.2f}.",
+        f"(bench/cache_model.py), {args.users} user sessions of {args.rounds} rounds for "
+        f"{args.duration:g} s, system prompt {args.system_words} words, own context "
+        f"{args.context_words} words, answers {args.answer_tokens} tokens. Load average at "
+        f"start: {load[0]:.2f}.",
         "",
         rb.markdown_table(HEADERS, [row(run) for run in runs]),
     ]
@@ -226,6 +247,7 @@ def main() -> int:
     add("--system-words", type=int, default=600, help="about 1,000 tokens at 4 bytes a token")
     add("--context-words", type=int, default=1200, help="about 2,000 tokens")
     add("--answer-tokens", type=int, default=100)
+    add("--duration", type=float, default=20.0, help="seconds of offered load per run")
     add("--loads", default="20,40,60,70", help="offered requests/s, comma-separated")
     add("--policies", default=",".join(rb.POLICIES))
     add("--no-reuse-rounds", type=int, default=2, help="alternating pairs; 0 skips it")

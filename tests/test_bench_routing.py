@@ -124,3 +124,22 @@ async def test_no_reuse_prompts_share_nothing() -> None:
         )
         summary = await run_chat(spec)
         assert summary["requests_ok"] == 4 and summary["hit_rate"] == 0.0
+
+
+async def test_with_a_duration_finished_users_are_replaced_by_new_ones() -> None:
+    async with await fake_vllm.serve(models=(MODEL,), cache=QUICK) as fake:
+        spec = ChatSpec(
+            url=fake.url,
+            model=MODEL,
+            users=2,
+            rounds=1,
+            qps=40.0,
+            system_words=20,
+            context_words=20,
+            question_words=5,
+            answer_tokens=2,
+            duration_s=0.3,
+        )
+        summary = await run_chat(spec)
+        assert summary["errors"] == 0, summary["first_error"]
+        assert summary["users"] > 2 and summary["requests_ok"] >= 3

@@ -8,6 +8,12 @@ defaults; body fields survive a proxy that forwards the body untouched, headers 
 
 ``GET /stats`` counts connections and streams, so a bench can see how fast a proxy closes its
 upstream once the client has gone (``streams_aborted``, ``last_abort_unix``).
+
+With a cache model (``--sim``, ``cache_model.py``) a completion is timed like a vLLM engine's
+instead: queued for a running slot, prefill of the prompt tokens its prefix cache does not
+hold, then ``max_tokens`` tokens of decode; the first event goes at the end of the prefill,
+the others at the end of the decode. ``GET /metrics`` then serves vLLM's prefix-cache and
+request counters, and ``POST /reset_prefix_cache`` empties the cache as vLLM's does.
 """
 
 from __future__ import annotations
@@ -23,8 +29,15 @@ from typing import Self, cast
 
 try:
     from bench import fake_payloads as payloads
+    from bench.cache_model import CacheModel, CacheSpec, Cluster, prompt_text
 except ImportError:  # run as a script: bench/ itself is sys.path[0]
     import fake_payloads as payloads  # type: ignore[import-not-found, no-redef]
+    from cache_model import (  # type: ignore[import-not-found, no-redef]
+        CacheModel,
+        CacheSpec,
+        Cluster,
+        prompt_text,
+    )
 
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -99,11 +112,14 @@ class Pacer:
 class FakeVllm:
     """One listening fake; ``close()`` also drops every open connection."""
 
-    __slots__ = ("_events", "config", "connections", "pacer", "server", "stats")
+    __slots__ = ("_events", "cache", "config", "connections", "pacer", "server", "stats")
 
-    def __init__(self, config: payloads.FakeConfig, pacer: Pacer) -> None:
+    def __init__(
+        self, config: payloads.FakeConfig, pacer: Pacer, cache: CacheModel | None = None
+    ) -> None:
         self.config = config
         self.pacer = pacer
+        self.cache = cache
         self.stats = FakeStats()
         self.server: asyncio.Server | None = None
         self.connections: set[_Connection] = set()
@@ -164,6 +180,7 @@ class _Connection(asyncio.Protocol):
         "loop",
         "next_at",
         "streaming",
+        "task",
         "transport",
     )
 
@@ -178,6 +195,7 @@ class _Connection(asyncio.Protocol):
         self.count = 0
         self.interval = 0.0
         self.next_at = 0.0
+        self.task: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -192,6 +210,8 @@ class _Connection(asyncio.Protocol):
         stats = self.fake.stats
         stats.open_connections -= 1
         self.fake.connections.discard(self)
+        if self.task is not None:
+            self.task.cancel()
         if self.streaming:
             self.streaming = False
             stats.active_streams -= 1
@@ -280,14 +300,29 @@ class _Connection(asyncio.Protocol):
         elif path == b"/v1/models" and method == b"GET":
             self._finish(payloads.response(200, payloads.models_body(fake.config)))
         elif path == b"/stats" and method == b"GET":
-            self._finish(payloads.response(200, payloads.dumps(fake.stats.as_dict())))
+            self._finish(payloads.response(200, payloads.dumps(self._stats())))
         elif path == b"/stats/reset" and method == b"POST":
             fake.stats.reset()
-            self._finish(payloads.response(200, payloads.dumps(fake.stats.as_dict())))
+            if fake.cache is not None and fake.cache.cluster is not None:
+                fake.cache.cluster.reset()
+            self._finish(payloads.response(200, payloads.dumps(self._stats())))
+        elif path == b"/metrics" and method == b"GET" and fake.cache is not None:
+            self._finish(payloads.response(200, fake.cache.metrics(fake.config.models[0])))
+        elif path == b"/reset_prefix_cache" and method == b"POST" and fake.cache is not None:
+            fake.cache.reset()
+            self._finish(payloads.response(200, b""))
         else:
             self._finish(
                 payloads.error(404, f"no route {path.decode(errors='replace')}", "NotFoundError")
             )
+
+    def _stats(self) -> dict[str, float]:
+        stats = self.fake.stats.as_dict()
+        cache = self.fake.cache
+        if cache is not None and cache.cluster is not None:
+            stats["cluster_peak_ratio"] = cache.cluster.peak_ratio
+            stats["cluster_arrivals"] = cache.cluster.arrivals
+        return stats
 
     def _completion(self, chat: bool, headers: dict[bytes, bytes], body: bytes) -> None:
         config = self.fake.config
@@ -313,6 +348,12 @@ class _Connection(asyncio.Protocol):
         if count < 1:
             self._finish(payloads.error(400, "fake_events must be >= 1", "BadRequestError"))
             return
+        if self.fake.cache is not None:
+            tokens = request.get("max_tokens")
+            count = tokens if isinstance(tokens, int) and tokens > 0 else count
+            self.streaming = True
+            self.task = self.loop.create_task(self._simulate(request, events, count))
+            return
         if not request.get("stream"):
             self._finish(payloads.response(200, events.full_body(count)))
             return
@@ -330,6 +371,35 @@ class _Connection(asyncio.Protocol):
         self.transport.write(payloads.SSE_HEAD)
         self.next_at = self.loop.time()
         self.tick()
+
+    async def _simulate(
+        self, request: dict[str, object], events: payloads.EventBytes, count: int
+    ) -> None:
+        """One request through the cache model: the first event at the end of the prefill,
+        the rest at the end of the decode."""
+        cache = self.fake.cache
+        assert cache is not None and self.transport is not None
+        stats = self.fake.stats
+        stream = bool(request.get("stream"))
+        blocks, tokens = cache.blocks_of(prompt_text(request))
+        stats.streams_started += 1
+        stats.active_streams += 1
+        async with cache.admitted():
+            await cache.prefill(blocks, tokens)
+            if stream:
+                self.transport.write(payloads.SSE_HEAD + events.event(0, count))
+            await cache.decode(count)
+        stats.active_streams -= 1
+        stats.streams_completed += 1
+        self.streaming = False
+        self.task = None
+        if not stream:
+            self._finish(payloads.response(200, events.full_body(count)))
+        else:
+            rest = b"".join(events.event(index, count) for index in range(1, count))
+            self._finish(rest + payloads.DONE_AND_END)
+        if self.buf and self.keep_alive:
+            self._process()
 
     def tick(self) -> None:
         # Pacing runs on absolute deadlines so that timer lateness does not accumulate.
@@ -368,8 +438,14 @@ async def serve(
     interval_ms: float = 0.0,
     max_model_len: int = 8192,
     backlog: int = 4096,
+    cache: CacheSpec | None = None,
+    cluster: Cluster | None = None,
 ) -> FakeVllm:
-    """Start listening and return the running fake (``port`` 0 picks a free one)."""
+    """Start listening and return the running fake (``port`` 0 picks a free one).
+
+    With ``cache``, completions are timed by a cache model of their own; fakes given the
+    same ``cluster`` report where a router's load landed across them.
+    """
     loop = asyncio.get_running_loop()
     fake = FakeVllm(
         payloads.FakeConfig(
@@ -380,6 +456,7 @@ async def serve(
             created=int(time.time()),
         ),
         Pacer(loop),
+        CacheModel(cache, cluster) if cache is not None else None,
     )
     fake.server = await loop.create_server(lambda: _Connection(fake), host, port, backlog=backlog)
     return fake
@@ -399,27 +476,56 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="serve this many fakes, each on its own port"
+    )
+    sim = parser.add_argument_group("cache model (cache_model.py; defaults: Llama-3.1-8B, H100)")
+    sim.add_argument("--sim", action="store_true", help="time completions by the cache model")
+    defaults = CacheSpec()
+    sim.add_argument("--cache-blocks", type=int, default=defaults.cache_blocks)
+    sim.add_argument("--block-tokens", type=int, default=defaults.block_tokens)
+    sim.add_argument("--prefill-us-per-token", type=float, default=defaults.prefill_us_per_token)
+    sim.add_argument("--decode-ms-per-token", type=float, default=defaults.decode_ms_per_token)
+    sim.add_argument("--max-running", type=int, default=defaults.max_running)
     return parser.parse_args(argv)
 
 
 async def _main(args: argparse.Namespace) -> None:
-    fake = await serve(
-        args.host,
-        args.port,
-        models=tuple(args.model or ["fake-model"]),
-        events=args.events,
-        interval_ms=args.interval_ms,
-        max_model_len=args.max_model_len,
-    )
+    cache = None
+    if args.sim:
+        cache = CacheSpec(
+            cache_blocks=args.cache_blocks,
+            block_tokens=args.block_tokens,
+            prefill_us_per_token=args.prefill_us_per_token,
+            decode_ms_per_token=args.decode_ms_per_token,
+            max_running=args.max_running,
+        )
+    cluster = Cluster()
+    fakes = []
+    for number in range(args.replicas):
+        fakes.append(
+            await serve(
+                args.host,
+                args.port if number == 0 else 0,
+                models=tuple(args.model or ["fake-model"]),
+                events=args.events,
+                interval_ms=args.interval_ms,
+                max_model_len=args.max_model_len,
+                cache=cache,
+                cluster=cluster,
+            )
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     # Tests and scripts wait for this line (it carries the real port when --port 0).
-    print(f"fake_vllm listening on {fake.url}", flush=True)
+    for fake in fakes:
+        print(f"fake_vllm listening on {fake.url}", flush=True)
     await stop.wait()
-    fake.close()
-    await fake.wait_closed()
+    for fake in fakes:
+        fake.close()
+        await fake.wait_closed()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -209,7 +209,9 @@ class Forwarder:
                     session = self._fresh_session
                 else:
                     registry.record_failure(replica)
-                retry = self._retry_target(model, tried, failure) if failure.retryable else None
+                retry = (
+                    self._retry_target(model, tried, failure, body) if failure.retryable else None
+                )
                 if retry is None:
                     raise
                 metrics.retry(failure.kind)
@@ -219,7 +221,7 @@ class Forwarder:
             if status >= 500:
                 metrics.upstream_error("5xx")
             if status in RETRY_STATUSES and len(tried) <= self._retries:
-                retry = registry.pick_another(model, tried)
+                retry = registry.pick_another(model, tried, body)
                 if retry is not None:
                     registry.record_failure(replica)
                     log.warning("%s %s answered %d; retrying", replica.backend.url, path, status)
@@ -235,11 +237,11 @@ class Forwarder:
             return response, replica
 
     def _retry_target(
-        self, model: str, tried: list[Replica], failure: UpstreamFailure
+        self, model: str, tried: list[Replica], failure: UpstreamFailure, body: bytes
     ) -> Replica | None:
         if len(tried) > self._retries:
             return None
-        other = self._registry.pick_another(model, tried)
+        other = self._registry.pick_another(model, tried, body)
         if other is None and failure.stale and tried.count(tried[-1]) == 1:
             # The only replica closed a pooled connection unanswered: one fresh try.
             return tried[-1]

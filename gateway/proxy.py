@@ -246,7 +246,7 @@ class Proxy:
             return
         try:
             try:
-                replica = self._registry.pick(record.model)
+                replica = self._registry.pick(record.model, body)
             except GatewayError as error:
                 await self._refuse(error, send, record)
                 return

@@ -1,7 +1,8 @@
 """Replicas and the routing table: which servers serve a model, which are up, who is next.
 
 All state lives on the event loop's thread and is only touched between awaits, so no lock is
-needed. The health checker writes (`record_pass`, `record_fail`); requests read (`pick`).
+needed. The health checker writes (`record_pass`, `record_fail`); requests read (`pick`),
+which asks the routing policy (routing.py) to choose among a model's replicas.
 """
 
 from __future__ import annotations
@@ -15,8 +16,28 @@ from yarl import URL
 
 from gateway.backends import Backend
 from gateway.errors import ModelNotFound, NoHealthyReplica
+from gateway.routing import Policy, RoundRobin, RoutingState
 
 ModelCard = dict[str, Any]
+
+
+class Epoch:
+    """One unbroken stretch of a replica in rotation.
+
+    Routing memory (the prefix index) points at an epoch, never at a replica. When the replica
+    goes down, is ejected or leaves, its epoch ends (`replica` becomes None): what was recorded
+    under it is no longer trusted, and no longer keeps the replica alive. A replica that comes
+    back does so under a new epoch, with nothing remembered.
+    """
+
+    __slots__ = ("replica", "number")
+
+    def __init__(self, replica: Replica, number: int) -> None:
+        self.replica: Replica | None = replica
+        self.number = number
+
+    def __repr__(self) -> str:
+        return f"<Epoch {self.number} [{'live' if self.replica is not None else 'ended'}]>"
 
 
 class Replica:
@@ -35,6 +56,7 @@ class Replica:
         "cards",
         "pinned",
         "inflight",
+        "epoch",
         "_urls",
     )
 
@@ -57,7 +79,13 @@ class Replica:
         # Requests of this gateway on this replica now: from the upstream request being sent
         # until its response is released (exchange.py keeps it; routing policies read it).
         self.inflight = 0
+        self.epoch = Epoch(self, 1)
         self._urls: dict[str, URL] = {}
+
+    def new_epoch(self) -> None:
+        """End the current epoch (down, ejected or gone) and start the next one."""
+        self.epoch.replica = None
+        self.epoch = Epoch(self, self.epoch.number + 1)
 
     def serves(self, model: str) -> bool:
         return model in self.cards or model in self.pinned
@@ -79,46 +107,21 @@ class Replica:
         models = ",".join(sorted(self.cards.keys() | self.pinned))
         return (
             f"<Replica {self.backend.url} [{state} | passes {self.passes}, fails {self.fails},"
-            f" strikes {self.strikes} | in flight {self.inflight} | models {models or '-'}]>"
+            f" strikes {self.strikes} | in flight {self.inflight} | epoch {self.epoch.number}"
+            f" | models {models or '-'}]>"
         )
 
 
 class ModelRoute:
-    """The replicas that serve one model, and the round-robin position among them."""
+    """The replicas that serve one model, and whose turn it is among them."""
 
-    __slots__ = ("model", "replicas", "_next")
+    __slots__ = ("model", "replicas", "cursor")
 
-    def __init__(self, model: str, replicas: list[Replica], start: int = 0) -> None:
+    def __init__(self, model: str, replicas: list[Replica], cursor: int = 0) -> None:
         self.model = model
         self.replicas = replicas
-        self._next = start
-
-    def pick(self, exclude: Container[Replica] = ()) -> Replica | None:
-        """The next available replica in turn, or None when none is.
-
-        An ejected replica is skipped until its backoff ends; then one request at a time goes
-        to it as a probe, and the outcome of that request readmits or re-ejects it.
-        """
-        replicas = self.replicas
-        count = len(replicas)
-        now = 0.0
-        fallback: Replica | None = None
-        for offset in range(count):
-            index = (self._next + offset) % count
-            replica = replicas[index]
-            if not replica.healthy or replica in exclude:
-                continue
-            if replica.ejected_until:
-                now = now or time.monotonic()
-                if now < replica.ejected_until or replica.probing:
-                    fallback = fallback or replica
-                    continue
-                replica.probing = True
-            self._next = index + 1
-            return replica
-        # Every healthy replica is ejected: trying one beats refusing the request (Envoy's
-        # panic mode), so a lone replica with a run of 5xx still gets its traffic.
-        return fallback
+        # Where the next round-robin turn starts (also breaks least-loaded ties).
+        self.cursor = cursor
 
     def __repr__(self) -> str:
         up = sum(1 for replica in self.replicas if replica.healthy)
@@ -139,6 +142,7 @@ class Registry:
         "replicas",
         "_sources",
         "_pins",
+        "policy",
         "_fall",
         "_rise",
         "_eject_after",
@@ -165,6 +169,7 @@ class Registry:
         eject_base_s: float = 30.0,
         eject_max_s: float = 300.0,
         startup_window_s: float = 1200.0,
+        policy: Policy | None = None,
     ) -> None:
         pins: dict[str, set[str]] = {}
         for model, model_backends in pinned.items():
@@ -184,6 +189,7 @@ class Registry:
             self._sources[url] = (
                 [Replica(backend, pinned=self._pins.get(url, ()))] if static else []
             )
+        self.policy = policy or RoundRobin()
         self._fall = fall
         self._rise = rise
         self._eject_after = eject_after
@@ -243,7 +249,7 @@ class Registry:
     def knows(self, model: str) -> bool:
         return model in self._routes
 
-    def pick(self, model: str) -> Replica:
+    def pick(self, model: str, body: bytes = b"") -> Replica:
         """The replica to send a request for `model` to, or the error to answer."""
         route = self._routes.get(model)
         if route is None:
@@ -256,7 +262,7 @@ class Registry:
                     headers=self._retry_after,
                 )
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
-        replica = route.pick()
+        replica = self.policy.pick(route, body)
         if replica is None:
             raise NoHealthyReplica(
                 f"The model `{model}` has no healthy replica right now.",
@@ -264,10 +270,16 @@ class Registry:
             )
         return replica
 
-    def pick_another(self, model: str, tried: Container[Replica]) -> Replica | None:
+    def pick_another(
+        self, model: str, tried: Container[Replica], body: bytes = b""
+    ) -> Replica | None:
         """A replica of `model` not yet tried for this request, for a retry."""
         route = self._routes.get(model)
-        return None if route is None else route.pick(exclude=tried)
+        return None if route is None else self.policy.pick(route, body, tried)
+
+    def routing_state(self) -> RoutingState:
+        """The policy in force, its index and every replica's requests in flight."""
+        return self.policy.state(self.replicas)
 
     def record_success(self, replica: Replica) -> None:
         """A request got an answer that was not a 5xx: the replica works."""
@@ -289,6 +301,7 @@ class Registry:
             replica.ejections += 1
             backoff = min(self._eject_base_s * replica.ejections, self._eject_max_s)
             replica.ejected_until = time.monotonic() + backoff
+            replica.new_epoch()
 
     def record_pass(self, replica: Replica, cards: list[ModelCard]) -> None:
         if replica.ejected_until and time.monotonic() >= replica.ejected_until:
@@ -310,6 +323,7 @@ class Registry:
         replica.fails += 1
         if replica.healthy and replica.fails >= self._fall:
             replica.healthy = False
+            replica.new_epoch()
             self._rebuild()
 
     def ready(self) -> bool:
@@ -333,7 +347,7 @@ class Registry:
                 members.setdefault(model, []).append(replica)
         old = self._routes
         self._routes = {
-            model: ModelRoute(model, replicas, old[model]._next if model in old else 0)
+            model: ModelRoute(model, replicas, old[model].cursor if model in old else 0)
             for model, replicas in members.items()
         }
         cards: dict[str, ModelCard] = {}
@@ -359,4 +373,7 @@ class Registry:
     def __repr__(self) -> str:
         up = sum(1 for replica in self.replicas if replica.healthy)
         down = len(self.replicas) - up
-        return f"<Registry [Replicas: {up} up, {down} down | Models: {len(self._routes)}]>"
+        return (
+            f"<Registry [Replicas: {up} up, {down} down | Models: {len(self._routes)}"
+            f" | Routing: {self.policy.name}]>"
+        )

@@ -25,6 +25,7 @@ from gateway.metrics import Metrics
 from gateway.observe import Observer
 from gateway.proxy import PROXIED_PATHS, Inflight, Proxy
 from gateway.replicas import Registry
+from gateway.routing import make_policy
 from gateway.settings import Settings
 from gateway.status import replicas_view
 from gateway.types import ASGIApp
@@ -92,6 +93,12 @@ async def running(
         eject_base_s=settings.eject_base_s,
         eject_max_s=settings.eject_max_s,
         startup_window_s=settings.startup_window_s,
+        policy=make_policy(
+            settings.routing,
+            index_entries=settings.prefix_index_entries,
+            load_factor=settings.prefix_load_factor,
+            block_bytes=settings.prefix_block_bytes,
+        ),
     )
     metrics = Metrics(routes=ROUTES, known_model=registry.knows, multiprocess_dir=metrics_dir)
     inflight = Inflight(settings.max_concurrency)

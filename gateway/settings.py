@@ -16,6 +16,8 @@ from importlib.util import find_spec
 from typing import Any
 
 from gateway.backends import Backend, BackendError, parse_backend_list, parse_model_routes
+from gateway.prefix_index import ENTRY_BYTES
+from gateway.routing import ROUTING_POLICIES
 
 PREFIX = "GATEWAY_"
 MIB = 1024 * 1024
@@ -145,6 +147,35 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable("GATEWAY_EJECT_MAX_S", "300", "Longest ejection, in seconds."),
     Variable(
+        "GATEWAY_ROUTING",
+        "round_robin",
+        "How a request picks among a model's replicas: round_robin (each in turn), "
+        "least_loaded (fewest of this gateway's requests in flight, ties in turn) or prefix "
+        "(the replica that already holds the longest prefix of the prompt in its cache, "
+        "within a load bound; see Routing).",
+    ),
+    Variable(
+        "GATEWAY_PREFIX_INDEX_ENTRIES",
+        "160000",
+        f"With GATEWAY_ROUTING=prefix: prompt blocks remembered (the least recently used "
+        f"forgotten first), all models together. At the default an entry costs "
+        f"{ENTRY_BYTES} bytes, about {round(160000 * ENTRY_BYTES / MIB)} MiB in all.",
+    ),
+    Variable(
+        "GATEWAY_PREFIX_LOAD_FACTOR",
+        "1.25",
+        "With GATEWAY_ROUTING=prefix: the load bound c. A replica takes a request for the "
+        "prefix it holds only while its requests in flight stay within c x (the model's "
+        "average in flight + 1); past it, the least-loaded replica takes it. At least 1.",
+    ),
+    Variable(
+        "GATEWAY_PREFIX_BLOCK_BYTES",
+        "256",
+        "With GATEWAY_ROUTING=prefix: the prompt is hashed in blocks of the request body, "
+        "the first 16 of this many bytes (about 64 tokens of English), each further 16 twice "
+        "as long as the 16 before; 64 to 65536.",
+    ),
+    Variable(
         "GATEWAY_MAX_CONCURRENCY",
         "0",
         "Requests forwarded at once by this gateway; past it, 429 at once. 0: no cap.",
@@ -228,6 +259,10 @@ class Settings:
     eject_failures: int = 5
     eject_base_s: float = 30.0
     eject_max_s: float = 300.0
+    routing: str = "round_robin"
+    prefix_index_entries: int = 160000
+    prefix_load_factor: float = 1.25
+    prefix_block_bytes: int = 256
     max_concurrency: int = 0
     drain_timeout_s: float = 30.0
     api_keys: frozenset[str] = frozenset()
@@ -293,6 +328,10 @@ class Settings:
             "eject_failures": cast("GATEWAY_EJECT_FAILURES", _positive_int),
             "eject_base_s": cast("GATEWAY_EJECT_BASE_S", _positive_seconds),
             "eject_max_s": cast("GATEWAY_EJECT_MAX_S", _positive_seconds),
+            "routing": cast("GATEWAY_ROUTING", _routing),
+            "prefix_index_entries": cast("GATEWAY_PREFIX_INDEX_ENTRIES", _positive_int),
+            "prefix_load_factor": cast("GATEWAY_PREFIX_LOAD_FACTOR", _load_factor),
+            "prefix_block_bytes": cast("GATEWAY_PREFIX_BLOCK_BYTES", _block_bytes),
             "max_concurrency": cast("GATEWAY_MAX_CONCURRENCY", _whole),
             "drain_timeout_s": cast("GATEWAY_DRAIN_TIMEOUT_S", _positive_seconds),
             "api_keys": cast("GATEWAY_API_KEYS", _api_keys),
@@ -402,6 +441,30 @@ def _server(raw: str) -> str:
     if any(find_spec(module) is None for module in _SERVER_MODULES[server]):
         raise ValueError(f"{server} is not installed: pip install 'vllm-gateway[{server}]'")
     return server
+
+
+def _routing(raw: str) -> str:
+    name = raw.lower()
+    if name not in ROUTING_POLICIES:
+        raise ValueError("must be one of " + ", ".join(ROUTING_POLICIES))
+    return name
+
+
+def _load_factor(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a number") from None
+    if not math.isfinite(value) or value < 1:
+        raise ValueError("must be a number of at least 1")
+    return value
+
+
+def _block_bytes(raw: str) -> int:
+    value = _positive_int(raw)
+    if not 64 <= value <= 65536:
+        raise ValueError("must be 64 to 65536")
+    return value
 
 
 def _log_level(raw: str) -> str:

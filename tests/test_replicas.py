@@ -188,7 +188,9 @@ def test_registry_repr_shows_its_state() -> None:
     backends = [Backend("http://10.0.0.1:1"), Backend("http://10.0.0.2:2")]
     registry = Registry(backends, {}, fall=1, rise=1, retry_after_s=5)
     registry.record_pass(registry.replicas[0], [model_card("m")])
-    assert repr(registry) == "<Registry [Replicas: 1 up, 1 down | Models: 1]>"
+    assert (
+        repr(registry) == "<Registry [Replicas: 1 up, 1 down | Models: 1 | Routing: round_robin]>"
+    )
     assert "up" in repr(registry.replicas[0]) and "models m" in repr(registry.replicas[0])
 
 

@@ -171,3 +171,40 @@ def test_readme_documents_every_variable_with_its_default() -> None:
     for variable in VARIABLES:
         default = f"`{variable.default}`" if variable.default else "(unset)"
         assert f"| `{variable.name}` | {default} |" in readme, variable.name
+
+
+def test_routing_defaults_to_round_robin_and_takes_the_prefix_knobs() -> None:
+    settings = Settings.from_environ(ONE)
+    assert settings.routing == "round_robin"
+    assert (settings.prefix_index_entries, settings.prefix_load_factor) == (160000, 1.25)
+    settings = Settings.from_environ(
+        {
+            **ONE,
+            "GATEWAY_ROUTING": "Prefix",
+            "GATEWAY_PREFIX_INDEX_ENTRIES": "1000",
+            "GATEWAY_PREFIX_LOAD_FACTOR": "1.5",
+            "GATEWAY_PREFIX_BLOCK_BYTES": "512",
+        }
+    )
+    assert settings.routing == "prefix"
+    assert (settings.prefix_index_entries, settings.prefix_load_factor) == (1000, 1.5)
+    assert settings.prefix_block_bytes == 512
+
+
+def test_bad_routing_settings_are_named() -> None:
+    found = problems(
+        {
+            **ONE,
+            "GATEWAY_ROUTING": "random",
+            "GATEWAY_PREFIX_INDEX_ENTRIES": "0",
+            "GATEWAY_PREFIX_LOAD_FACTOR": "0.9",
+            "GATEWAY_PREFIX_BLOCK_BYTES": "16",
+        }
+    )
+    assert [problem.split("=")[0] for problem in found] == [
+        "GATEWAY_ROUTING",
+        "GATEWAY_PREFIX_INDEX_ENTRIES",
+        "GATEWAY_PREFIX_LOAD_FACTOR",
+        "GATEWAY_PREFIX_BLOCK_BYTES",
+    ]
+    assert "round_robin, least_loaded, prefix" in found[0]

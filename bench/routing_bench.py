@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ class RoutedGateway(cs.Gateway):
 
     def __init__(self, policy: str, **env: str) -> None:
         self.policy = policy
-        self.name = f"gateway {policy}"
+        self.name = f"gateway {policy}" + "".join(f" {v}" for v in env.values())
         self.about = f"vllm-gateway, GATEWAY_ROUTING={policy}"
         self.extra = env
 
@@ -38,6 +39,28 @@ class RoutedGateway(cs.Gateway):
         environ["GATEWAY_ROUTING"] = self.policy
         environ.update(self.extra)
         return environ
+
+
+class CheckedGateway(RoutedGateway):
+    """The gateway run by serve_checked.py: at exit it reports the load bound of its picks
+    and its routing state (see `checked_report`)."""
+
+    def command(self, upstream: str, model: str, port: int, workdir: Path) -> list[str]:
+        return [sys.executable, str(cs.BENCH / "serve_checked.py")]
+
+
+def checked_report(workdir: Path, contender: CheckedGateway) -> dict[str, Any]:
+    """What a stopped CheckedGateway printed: the peak of its picks' in-flight count over
+    (the average + 1), the picks, and its routing state."""
+    found: dict[str, Any] = {}
+    for line in (workdir / f"{contender.name}.log").read_text().splitlines():
+        if line.startswith("load bound: "):
+            checked = json.loads(line.removeprefix("load bound: "))
+            found["load_bound_peak"] = round(checked["peak"], 3)
+            found["picks"] = checked["picks"]
+        elif line.startswith("routing state: "):
+            found["routing_state"] = json.loads(line.removeprefix("routing state: "))
+    return found
 
 
 class RoutedVllmRouter(cs.VllmRouter):

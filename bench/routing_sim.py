@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import os
 import sys
 import tempfile
@@ -71,27 +70,16 @@ async def start_fakes(count: int, core: int | None) -> tuple[asyncio.subprocess.
     return proc, urls
 
 
-class CheckedGateway(rb.RoutedGateway):
-    """The gateway run by serve_checked.py, which reports the load bound of its picks."""
-
-    def command(self, upstream: str, model: str, port: int, workdir: Path) -> list[str]:
-        return [sys.executable, str(cs.BENCH / "serve_checked.py")]
-
-
 async def one_run(
     policy: str, spec: ChatSpec, replicas: list[str], *, workdir: Path, core: int | None
 ) -> dict[str, Any]:
-    contender = CheckedGateway(policy)
+    contender = rb.CheckedGateway(policy)
     async with rb.in_front(contender, replicas, MODEL, workdir=workdir, core=core) as url:
         await rb.reset_caches(replicas)
         summary = await run_chat(replace(spec, url=url, metrics=tuple(replicas)))
         stats = await rb.fake_stats(replicas[0])
-    log = (workdir / f"{contender.name}.log").read_text()
-    line = next(line for line in log.splitlines() if line.startswith("load bound: "))
-    checked = json.loads(line.removeprefix("load bound: "))
+    summary.update(rb.checked_report(workdir, contender))
     summary["policy"] = policy
-    summary["load_bound_peak"] = round(checked["peak"], 3)
-    summary["picks"] = checked["picks"]
     # The same ratio as the fakes saw the requests land (their view lags the gateway's).
     summary["landed_peak"] = round(stats.get("cluster_peak_ratio", 0.0), 3)
     return summary

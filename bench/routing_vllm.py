@@ -54,12 +54,17 @@ ALL = (
 
 
 def contender_for(name: str) -> tuple[cs.Contender | None, str]:
-    """The contender to start (None: straight to the single server), and the user header."""
+    """The contender to start (None: straight to the single server), and the user header.
+
+    `gateway:prefix@1.5` is the prefix policy with GATEWAY_PREFIX_LOAD_FACTOR=1.5.
+    """
     kind, _, policy = name.partition(":")
     if kind == "single":
         return None, ""
     if kind == "gateway":
-        return rb.RoutedGateway(policy), ""
+        policy, _, factor = policy.partition("@")
+        env = {"GATEWAY_PREFIX_LOAD_FACTOR": factor} if factor else {}
+        return rb.CheckedGateway(policy, **env), ""
     return rb.RoutedVllmRouter(policy), "X-User-ID" if policy == "consistent_hash" else ""
 
 
@@ -81,6 +86,8 @@ async def one_run(name: str, spec: ChatSpec, replicas: list[str], single: str) -
             summary = await run_chat(
                 replace(spec, url=url, metrics=tuple(urls), user_header=header)
             )
+        if isinstance(contender, rb.CheckedGateway):
+            summary.update(rb.checked_report(Path(tmp), contender))
     summary["contender"] = name
     return summary
 
@@ -92,12 +99,15 @@ def render(runs: list[dict[str, Any]], args: argparse.Namespace, spec: ChatSpec)
         ttft = run["ttft_ms"]
         gap = f"{run['hit_rate'] - ceiling:+.3f}" if ceiling is not None else "-"
         header = " (X-User-ID)" if "consistent_hash" in run["contender"] else ""
+        state = run.get("routing_state") or {}
+        spills = str(state["bound_spills"]) if state.get("index_capacity") else "-"
         rows.append(
             [
                 run["contender"] + header,
                 f"{run['hit_rate']:.3f}",
                 gap,
                 rb.shares(run),
+                spills,
                 f"{ttft.get('p50', 0):.0f} / {ttft.get('p90', 0):.0f} / {ttft.get('p99', 0):.0f}",
                 f"{run['req_per_s']:.2f}",
                 run["errors"],
@@ -119,6 +129,7 @@ def render(runs: list[dict[str, Any]], args: argparse.Namespace, spec: ChatSpec)
                 "hit rate",
                 "vs single",
                 "requests per replica",
+                "load-bound spills",
                 "TTFT p50 / p90 / p99 ms",
                 "req/s",
                 "errors",
@@ -143,7 +154,7 @@ async def main_async(args: argparse.Namespace) -> int:
     venv = Path(os.environ.get("VLLM_VENV") or DEFAULT_VENV)
     model = make_model(venv)
     names = [n for n in args.contenders.split(",") if n]
-    unknown = [n for n in names if n not in ALL]
+    unknown = [n for n in names if n.partition("@")[0] not in ALL]
     if unknown:
         raise SystemExit(f"unknown contenders {unknown}; known: {', '.join(ALL)}")
     spec = ChatSpec(

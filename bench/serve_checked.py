@@ -4,13 +4,15 @@ Same settings, same objects and server as the `vllm-gateway` command; the regist
 is wrapped so that after each pick it records the chosen replica's requests in flight (this
 one included) over (the average in flight over the model's healthy replicas not yet tried,
 this one included, + 1): GATEWAY_PREFIX_LOAD_FACTOR bounds it for `prefix`. On SIGTERM it
-drains as the gateway does, then prints one line, `load bound: {"peak": R, "picks": N}`.
-Not a supported way to run the gateway.
+drains as the gateway does, then prints `load bound: {"peak": R, "picks": N}` and
+`routing state: {...}` (the policy's state(): index entries, lookups, hits, spills). Not a
+supported way to run the gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -52,7 +54,7 @@ class Checked(Policy):
         return self.inner.state(replicas)  # type: ignore[arg-type]
 
 
-async def serve(settings: Settings) -> Checked:
+async def serve(settings: Settings) -> tuple[Checked, RoutingState]:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -61,7 +63,8 @@ async def serve(settings: Settings) -> Checked:
         checked = Checked(gateway.registry.policy)
         gateway.registry.policy = checked
         await serve_gateway(gateway, settings, shutdown_trigger=stop.wait)
-    return checked
+        state = checked.inner.state(gateway.registry.replicas)
+    return checked, state
 
 
 def main() -> int:
@@ -71,8 +74,9 @@ def main() -> int:
         print(f"serve_checked: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, with_pid=False)
-    checked = uvloop.run(serve(settings))
-    print("load bound: " + json.dumps({"peak": checked.peak, "picks": checked.picks}), flush=True)
+    checked, state = uvloop.run(serve(settings))
+    print("load bound: " + json.dumps({"peak": checked.peak, "picks": checked.picks}))
+    print("routing state: " + json.dumps(dataclasses.asdict(state)), flush=True)
     return 0
 
 

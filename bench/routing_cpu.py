@@ -14,6 +14,12 @@ a one-second warm-up. The policies run one after the other in each round, in an 
 rotates round by round; this VM's speed drifts by 20-40% over minutes, so each policy is
 compared with round_robin of the same round (the median of those ratios) as well as by the
 medians of all rounds.
+
+Drift of that size hides a cost of a few percent, so `--profile` also samples the gateway
+with py-spy during every measured run (as cpu_profile.py does) and charges to routing the
+samples whose innermost frame is in gateway/routing.py or gateway/prefix_index.py (C calls
+they make, such as hashing, count for them): µs of routing per request, measured in the same
+run as the whole, which drift cannot skew.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ if __package__ in (None, ""):  # run as a script: make `bench.*` importable
 
 from bench import contenders as cs  # noqa: E402
 from bench import routing_bench as rb  # noqa: E402
+from bench.cpu_profile import innermost_frames, py_spy  # noqa: E402
 from bench.loadgen import LoadSpec, run_load  # noqa: E402
 
 MODEL = "bench-model"
@@ -73,8 +80,30 @@ async def start_fakes(core: int | None) -> tuple[asyncio.subprocess.Process, lis
     return proc, urls
 
 
+ROUTING_FILES = ("gateway/routing.py", "gateway/prefix_index.py")
+RATE_HZ = 1000
+
+
+async def sampled(pid: int, seconds: float, out: Path) -> asyncio.subprocess.Process:
+    spy = py_spy()
+    if spy is None:
+        raise SystemExit("--profile needs py-spy (bench/requirements.txt)")
+    return await asyncio.create_subprocess_exec(
+        spy, "record", "--pid", str(pid), "--nonblocking", "--format", "raw",
+        "--rate", str(RATE_HZ), "--duration", str(int(seconds)), "--output", str(out),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 async def measure(
-    policy: str, size: int, replicas: list[str], *, seconds: float, workdir: Path, core: int | None
+    policy: str,
+    size: int,
+    replicas: list[str],
+    *,
+    seconds: float,
+    workdir: Path,
+    core: int | None,
+    profile: bool,
 ) -> dict[str, Any]:
     contender = rb.RoutedGateway(policy)
     extra = padded_body(size)
@@ -100,11 +129,30 @@ async def measure(
             )
 
         await run_load(spec(1.0))  # warm-up: connection pools, the index
-        summary = await run_load(spec(seconds), pids=[target.pid])
+        if not profile:
+            summary = await run_load(spec(seconds), pids=[target.pid])
+        else:
+            # The load outlasts the sampling by a second, so every sample is under load.
+            out = workdir / "spy.collapsed"
+            spy = await sampled(target.pid, seconds, out)
+            load = asyncio.create_task(run_load(spec(seconds + 1.0), pids=[target.pid]))
+            await spy.wait()
+            summary = await load
+            samples = innermost_frames(out.read_text().splitlines())
     body_bytes = len(spec(1.0).request_bytes().split(b"\r\n\r\n", 1)[1])
     proc = next(p for p in summary["processes"] if p["pid"] == target.pid)
     requests = summary["requests_ok"]
+    sampling: dict[str, Any] = {}
+    if profile:
+        # Requests served during the sampled window, from the load's own rate.
+        served = summary["requests_ok"] * int(seconds) / summary["elapsed_s"]
+        routing = sum(n for f, n in samples.items() if any(p in f for p in ROUTING_FILES))
+        sampling = {
+            "sampled_us_per_req": round(sum(samples.values()) * 1e6 / RATE_HZ / served, 1),
+            "routing_us_per_req": round(routing * 1e6 / RATE_HZ / served, 1),
+        }
     return {
+        **sampling,
         "policy": policy,
         "body_bytes": body_bytes,
         "requests": requests,
@@ -138,6 +186,7 @@ async def main_async(args: argparse.Namespace) -> int:
                             seconds=args.seconds,
                             workdir=Path(tmp),
                             core=gateway_core,
+                            profile=args.profile,
                         )
                         run["round"] = number + 1
                         runs.append(run)
@@ -158,12 +207,19 @@ async def main_async(args: argparse.Namespace) -> int:
             mine = [r for r in runs if r["policy"] == policy and size_of(r, size)]
             median = statistics.median(r["cpu_us_per_req"] for r in mine)
             paired = statistics.median(r["cpu_us_per_req"] / base[r["round"]] for r in mine)
-            summary[f"{size} {policy}"] = {
+            figures: dict[str, Any] = {
                 "body_bytes": body,
                 "median_us": median,
                 "paired_ratio": round(paired, 3),
             }
-            rows.append([f"{body:,}", policy, f"{median:.0f}", f"{paired:.3f}x"])
+            row = [f"{body:,}", policy, f"{median:.0f}", f"{paired:.3f}x"]
+            if args.profile:
+                whole = statistics.median(r["sampled_us_per_req"] for r in mine)
+                routing = statistics.median(r["routing_us_per_req"] for r in mine)
+                figures.update(sampled_us=whole, routing_us=routing)
+                row += [f"{routing:.1f} of {whole:.0f}"]
+            summary[f"{size} {policy}"] = figures
+            rows.append(row)
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     report = "\n".join(
         [
@@ -175,7 +231,8 @@ async def main_async(args: argparse.Namespace) -> int:
             f"Load average at start: {load[0]:.2f}.",
             "",
             rb.markdown_table(
-                ["body bytes", "policy", "µs per request", "over round_robin (paired)"],
+                ["body bytes", "policy", "µs per request", "over round_robin (paired)"]
+                + (["sampled µs in routing code, of all"] if args.profile else []),
                 rows,
             ),
         ]
@@ -197,6 +254,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--policies", default="round_robin,prefix", help="round_robin first")
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--profile", action="store_true", help="py-spy: routing's own share")
     parser.add_argument("--out-dir", default=str(RESULTS))
     return asyncio.run(main_async(parser.parse_args()))
 

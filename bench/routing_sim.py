@@ -16,7 +16,7 @@ Reported per policy and offered load: TTFT p50/p90/p99, requests and output toke
 (completed, over the time from the first request to the last answer), errors, the
 prefix-cache hit rate, the busiest replica's share of the requests, and the load bound: the
 peak over the gateway's picks of the chosen replica's requests in flight / (the average + 1),
-both counting the request being placed, which GATEWAY_PREFIX_LOAD_FACTOR (1.25) bounds for
+both counting the request being placed, which GATEWAY_PREFIX_LOAD_FACTOR (1.5) bounds for
 `prefix`. Then the no-reuse workload (fresh random prompts) at the highest load, round_robin
 against prefix in alternating pairs. Written to bench/results/routing_sim.{md,json,png}.
 """

@@ -163,10 +163,11 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "GATEWAY_PREFIX_LOAD_FACTOR",
-        "1.25",
+        "1.5",
         "With GATEWAY_ROUTING=prefix: the load bound c. A replica takes a request for the "
-        "prefix it holds only while its requests in flight stay within c x (the model's "
-        "average in flight + 1); past it, the least-loaded replica takes it. At least 1.",
+        "prefix it holds only while its requests in flight, this one included, stay within "
+        "c x (the model's average in flight, this one included, + 1); past it, the "
+        "least-loaded replica takes it. At least 1.",
     ),
     Variable(
         "GATEWAY_PREFIX_BLOCK_BYTES",
@@ -261,7 +262,7 @@ class Settings:
     eject_max_s: float = 300.0
     routing: str = "round_robin"
     prefix_index_entries: int = 160000
-    prefix_load_factor: float = 1.25
+    prefix_load_factor: float = 1.5
     prefix_block_bytes: int = 256
     max_concurrency: int = 0
     drain_timeout_s: float = 30.0

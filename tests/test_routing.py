@@ -418,7 +418,7 @@ async def test_routing_state_shows_the_policy_its_index_and_each_replicas_load(
     assert state.index_entries == len(block_keys(conversation(1, 3, stream=True), "shared", 256))
     assert (state.index_lookups, state.index_hits, state.index_hit_ratio) == (1, 0, 0.0)
     text = repr(registry.policy)
-    assert text.startswith("<PrefixAffinity [c 1.25, blocks of 256 B | index ")
+    assert text.startswith("<PrefixAffinity [c 1.5, blocks of 256 B | index ")
     assert "0 hits of 1 lookups" in text
     assert "Routing: prefix" in repr(registry)
     gate.set()

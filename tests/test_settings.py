@@ -176,18 +176,18 @@ def test_readme_documents_every_variable_with_its_default() -> None:
 def test_routing_defaults_to_round_robin_and_takes_the_prefix_knobs() -> None:
     settings = Settings.from_environ(ONE)
     assert settings.routing == "round_robin"
-    assert (settings.prefix_index_entries, settings.prefix_load_factor) == (160000, 1.25)
+    assert (settings.prefix_index_entries, settings.prefix_load_factor) == (160000, 1.5)
     settings = Settings.from_environ(
         {
             **ONE,
             "GATEWAY_ROUTING": "Prefix",
             "GATEWAY_PREFIX_INDEX_ENTRIES": "1000",
-            "GATEWAY_PREFIX_LOAD_FACTOR": "1.5",
+            "GATEWAY_PREFIX_LOAD_FACTOR": "1.25",
             "GATEWAY_PREFIX_BLOCK_BYTES": "512",
         }
     )
     assert settings.routing == "prefix"
-    assert (settings.prefix_index_entries, settings.prefix_load_factor) == (1000, 1.5)
+    assert (settings.prefix_index_entries, settings.prefix_load_factor) == (1000, 1.25)
     assert settings.prefix_block_bytes == 512
 
 

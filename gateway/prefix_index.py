@@ -19,17 +19,21 @@ Contract:
   the deepest known block by binary search.
 - An entry names an epoch, never a replica: once a replica goes down, is ejected or leaves,
   its epoch ends and what was recorded under it is neither trusted nor kept alive.
+- A retry's replica takes over the blocks of the replicas the request failed on, rather than
+  sharing them: the conversation now lives where it was served, and marking its blocks
+  SHARED would scatter its next turns (a refused connection says nothing to the index until
+  a health check sees the replica down).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from enum import Enum
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from gateway.replicas import Epoch
+    from gateway.replicas import Epoch, Replica
 
 # Where the prompt starts in the request kinds vLLM serves: chat, completions (and tokenize),
 # embeddings, responses, classify, pooling. Bytes search: `"input"` inside a JSON string value
@@ -130,8 +134,9 @@ class PrefixIndex:
             return low, None
         return low, value
 
-    def record(self, keys: Sequence[int], epoch: Epoch) -> None:
-        """`epoch`'s replica now holds every block of `keys`; touch them, deepest first."""
+    def record(self, keys: Sequence[int], epoch: Epoch, replacing: Container[Replica] = ()) -> None:
+        """`epoch`'s replica now holds every block of `keys`; touch them, deepest first.
+        `replacing`: the replicas this request failed on, whose claims it takes over."""
         entries = self._entries
         for key in reversed(keys):
             value = entries.get(key)
@@ -140,7 +145,10 @@ class PrefixIndex:
                 continue
             if value is not epoch and value is not Shared.SHARED:
                 # Another live replica also holds it: shared. An ended epoch holds nothing.
-                entries[key] = Shared.SHARED if value.replica is not None else epoch
+                owner = value.replica
+                entries[key] = (
+                    Shared.SHARED if owner is not None and owner not in replacing else epoch
+                )
             entries.move_to_end(key)
         while len(entries) > self.capacity:
             entries.popitem(last=False)

@@ -212,7 +212,7 @@ class PrefixAffinity(Policy):
                 choice = None
         if choice is None:
             choice = least_loaded(candidates)
-        self.index.record(keys, choice.epoch)
+        self.index.record(keys, choice.epoch, exclude)
         return take(route, choice, panic)
 
     def _enough(self, depth: int, blocks: int) -> bool:

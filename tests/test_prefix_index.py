@@ -100,6 +100,22 @@ def test_an_ended_epoch_is_not_trusted_and_its_blocks_go_to_the_next_owner() -> 
     assert index.deepest(keys) == (len(keys), two.epoch)
 
 
+def test_a_retry_takes_over_what_the_failed_replica_held_and_shared_blocks_stay_shared() -> None:
+    one, two = replica("http://a:1"), replica("http://b:2")
+    index = PrefixIndex(1000)
+    system = block_keys(body(turns(1)[:1], model="m"), "m", BLOCK)
+    index.record(system, one.epoch)
+    index.record(system, two.epoch)
+    keys = block_keys(body(turns(2), model="m"), "m", BLOCK)
+    index.record(keys, one.epoch)
+    # `one` refused the next turn while still live: the retry on `two` replaces its claims
+    # instead of making the whole conversation shared, so the turn after follows `two`.
+    index.record(keys, two.epoch, replacing={one})
+    assert index.deepest(keys) == (len(keys), two.epoch)
+    assert keys[: len(system) - 1] == system[:-1]
+    assert index.deepest(system[:-1]) == (len(system) - 1, None)
+
+
 def test_entries_never_pass_the_capacity_and_the_oldest_conversation_goes_first() -> None:
     owner = replica()
     index = PrefixIndex(64)

@@ -27,6 +27,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from gateway import __version__
 from gateway.observe import CLIENT_CLOSED_STATUS, RequestRecord
 from gateway.replicas import Registry, Replica
+from gateway.routing import RoutingState
 
 PREFIX = "vllm_gateway"
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -76,6 +77,13 @@ class Metrics:
         "_replica_never_up",
         "_gateway_inflight",
         "_replicas_shown",
+        "_routing_policy",
+        "_index_entries",
+        "_index_capacity",
+        "_index_lookups",
+        "_index_hits",
+        "_bound_spills",
+        "_routing_seen",
     )
 
     def __init__(
@@ -189,6 +197,45 @@ class Metrics:
             multiprocess_mode="livesum",
         )
         self._replicas_shown: set[str] = set()
+        self._routing_policy = Gauge(
+            f"{p}_routing_policy_info",
+            "The routing policy in force (GATEWAY_ROUTING), as a label; always 1.",
+            ["policy"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self._index_entries = Gauge(
+            f"{p}_prefix_index_entries",
+            "Prompt blocks the prefix index remembers now (GATEWAY_ROUTING=prefix), all workers.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self._index_capacity = Gauge(
+            f"{p}_prefix_index_capacity",
+            "The most prompt blocks the prefix index may remember (GATEWAY_PREFIX_INDEX_ENTRIES"
+            " per worker), all workers.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self._index_lookups = Counter(
+            f"{p}_prefix_index_lookups",
+            "Requests whose prompt blocks were looked up in the prefix index.",
+            registry=registry,
+        )
+        self._index_hits = Counter(
+            f"{p}_prefix_index_hits",
+            "Lookups that found a live replica holding enough of the prompt to route by it "
+            "(the index's hit ratio is hits / lookups).",
+            registry=registry,
+        )
+        self._bound_spills = Counter(
+            f"{p}_prefix_load_bound_spills",
+            "Requests the load bound (GATEWAY_PREFIX_LOAD_FACTOR) sent away from the replica "
+            "that held their prefix.",
+            registry=registry,
+        )
+        # The policy's own running totals at the last refresh: counters add the difference.
+        self._routing_seen = (0, 0, 0)
 
     # The request path ------------------------------------------------------------------
 
@@ -276,6 +323,17 @@ class Metrics:
         for replica in list(self._ejections_seen):
             if replica.backend.url not in shown:
                 del self._ejections_seen[replica]
+        self._refresh_routing(registry.routing_state())
+
+    def _refresh_routing(self, state: RoutingState) -> None:
+        self._routing_policy.labels(state.policy).set(1)
+        self._index_entries.set(state.index_entries)
+        self._index_capacity.set(state.index_capacity)
+        lookups, hits, spills = self._routing_seen
+        self._index_lookups.inc(state.index_lookups - lookups)
+        self._index_hits.inc(state.index_hits - hits)
+        self._bound_spills.inc(state.bound_spills - spills)
+        self._routing_seen = (state.index_lookups, state.index_hits, state.bound_spills)
 
     def exposition(self) -> bytes:
         """The text a scrape gets: this process's metrics, or every worker's summed."""

@@ -9,6 +9,7 @@ import orjson
 
 from gateway.proxy import Inflight
 from gateway.replicas import Registry, Replica
+from gateway.routing import RoutingState
 
 
 def replica_state(replica: Replica, now: float) -> dict[str, Any]:
@@ -30,6 +31,20 @@ def replica_state(replica: Replica, now: float) -> dict[str, Any]:
     }
 
 
+def routing_view(state: RoutingState) -> dict[str, Any]:
+    view: dict[str, Any] = {"policy": state.policy}
+    if state.index_capacity:
+        view["prefix_index"] = {
+            "entries": state.index_entries,
+            "capacity": state.index_capacity,
+            "lookups": state.index_lookups,
+            "hits": state.index_hits,
+            "hit_ratio": round(state.index_hit_ratio, 3),
+            "load_bound_spills": state.bound_spills,
+        }
+    return view
+
+
 def replicas_view(registry: Registry, inflight: Inflight) -> bytes:
     now = time.monotonic()
     return orjson.dumps(
@@ -38,6 +53,7 @@ def replicas_view(registry: Registry, inflight: Inflight) -> bytes:
             "draining": inflight.draining,
             "startup_window_open": registry.in_startup_window(),
             "never_answered": registry.never_answered(),
+            "routing": routing_view(registry.routing_state()),
             "replicas": [replica_state(replica, now) for replica in registry.replicas],
         },
         option=orjson.OPT_INDENT_2,

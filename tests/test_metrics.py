@@ -13,6 +13,7 @@ from gateway.metrics import TTFT_BUCKETS
 from tests.conftest import RunningGateway, StartFake, StartGateway
 from tests.fakes import FakeVllm
 from tests.test_proxy import CHAT, chat
+from tests.test_routing import SHARED, conversation, post
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -184,3 +185,52 @@ async def test_metrics_forget_a_replica_that_left_discovery(
     samples = await scrape(client, gateway.url)
     assert value(samples, "vllm_gateway_replica_up", replica=first.url) == 1
     assert ("vllm_gateway_replica_up", (("replica", second.url),)) not in samples
+
+
+async def test_the_routing_policy_and_its_prefix_index_show_in_metrics_and_replicas(
+    start_fake: StartFake, start_gateway: StartGateway, client: aiohttp.ClientSession
+) -> None:
+    one = await start_fake("one", models=SHARED)
+    two = await start_fake("two", models=SHARED)
+    gateway = await start_gateway(
+        one, two, GATEWAY_ROUTING="prefix", GATEWAY_PREFIX_INDEX_ENTRIES="500"
+    )
+    # A new conversation (a lookup, no hit), then its next turn (a hit, same replica).
+    homes = [await post(client, gateway, conversation(7, turn)) for turn in (1, 2)]
+    assert homes[0] == homes[1]
+    samples = await scrape(client, gateway.url)
+    async with client.get(gateway.url + "/replicas") as response:
+        routing = orjson.loads(await response.read())["routing"]
+    entries = len(gateway.parts.registry.policy.index)  # type: ignore[attr-defined]
+    assert entries > 0
+    assert value(samples, "vllm_gateway_routing_policy_info", policy="prefix") == 1
+    assert value(samples, "vllm_gateway_prefix_index_entries") == entries
+    assert value(samples, "vllm_gateway_prefix_index_capacity") == 500
+    assert value(samples, "vllm_gateway_prefix_index_lookups_total") == 2
+    assert value(samples, "vllm_gateway_prefix_index_hits_total") == 1
+    assert value(samples, "vllm_gateway_prefix_load_bound_spills_total") == 0
+    assert routing == {
+        "policy": "prefix",
+        "prefix_index": {
+            "entries": entries,
+            "capacity": 500,
+            "lookups": 2,
+            "hits": 1,
+            "hit_ratio": 0.5,
+            "load_bound_spills": 0,
+        },
+    }
+    # A second scrape adds nothing that did not happen since the first.
+    again = await scrape(client, gateway.url)
+    assert value(again, "vllm_gateway_prefix_index_lookups_total") == 2
+
+
+async def test_a_policy_without_an_index_shows_its_name_only(
+    start_fake: StartFake, start_gateway: StartGateway, client: aiohttp.ClientSession
+) -> None:
+    gateway = await start_gateway(await start_fake("alpha"), GATEWAY_ROUTING="least_loaded")
+    samples = await scrape(client, gateway.url)
+    assert value(samples, "vllm_gateway_routing_policy_info", policy="least_loaded") == 1
+    assert value(samples, "vllm_gateway_routing_policy_info", policy="round_robin") == 0
+    async with client.get(gateway.url + "/replicas") as response:
+        assert orjson.loads(await response.read())["routing"] == {"policy": "least_loaded"}

@@ -134,6 +134,23 @@ class PrefixIndex:
             return low, None
         return low, value
 
+    def anchor(self, keys: Sequence[int]) -> int:
+        """How many leading blocks name a conversation the same way in every gateway process:
+        those known as shared (a system prompt), then one more, the first of its own.
+
+        While nothing is known as shared but the first block has been seen, all of them: a
+        prompt that one replica holds but no second one has served yet must not send every
+        new conversation after it to that replica, or it would never be seen as shared.
+        """
+        entries = self._entries
+        count = len(keys)
+        shared = 0
+        while shared < count and entries.get(keys[shared]) is Shared.SHARED:
+            shared += 1
+        if shared == 0 and keys[0] in entries:
+            return count
+        return min(shared + 1, count)
+
     def record(self, keys: Sequence[int], epoch: Epoch, replacing: Container[Replica] = ()) -> None:
         """`epoch`'s replica now holds every block of `keys`; touch them, deepest first.
         `replacing`: the replicas this request failed on, whose claims it takes over."""

@@ -13,17 +13,20 @@ Rules every policy keeps, whatever it prefers:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Final
 
-from gateway.prefix_index import PrefixIndex, block_keys, span
+from gateway.prefix_index import PrefixIndex, block_keys, prompt_start, span
 
 if TYPE_CHECKING:
     from gateway.replicas import ModelRoute, Replica
 
 ROUTING_POLICIES: Final = ("round_robin", "least_loaded", "prefix")
+# Where `prefix` sends a prompt its index cannot route (GATEWAY_PREFIX_MISS).
+MISS_POLICIES: Final = ("least_loaded", "hash")
 
 # A known prefix routes the request only when it covers at least this share of the bytes
 # its whole blocks cover.
@@ -173,17 +176,34 @@ class PrefixAffinity(Policy):
 
     Consistent hashing with bounded loads: a replica takes a request only while its in-flight
     count, this request included, stays within `load_factor` x (the average in flight over
-    the model's available replicas, this request included, + 1). Past the bound, or with no
-    prefix that tells the replicas apart, the least-loaded replica takes it, and the index
-    records it there.
+    the model's available replicas, this request included, + 1). Past the bound the
+    least-loaded replica takes it, and the index records it there.
+
+    A prompt with no prefix that tells the replicas apart (a new conversation) goes to the
+    least-loaded replica, or with `hash_misses` to the first replica within the bound in
+    rendezvous order of the prompt's anchor (`PrefixIndex.anchor`). Each gateway process has
+    its own index, so with several of them (workers, pods) the turns of one conversation
+    reach processes that have not seen it; hashed, the conversation goes to the same replica
+    from every one of them, at the price of a balance that is only as even as the hash.
     """
 
-    __slots__ = ("load_factor", "block_bytes", "index", "lookups", "hits", "spills")
+    __slots__ = (
+        "load_factor",
+        "block_bytes",
+        "hash_misses",
+        "index",
+        "lookups",
+        "hits",
+        "spills",
+    )
     name = "prefix"
 
-    def __init__(self, *, capacity: int, load_factor: float, block_bytes: int) -> None:
+    def __init__(
+        self, *, capacity: int, load_factor: float, block_bytes: int, hash_misses: bool = False
+    ) -> None:
         self.load_factor = load_factor
         self.block_bytes = block_bytes
+        self.hash_misses = hash_misses
         self.index = PrefixIndex(capacity)
         self.lookups = 0
         self.hits = 0
@@ -210,10 +230,30 @@ class PrefixAffinity(Policy):
             if not self._within_bound(choice, candidates):
                 self.spills += 1
                 choice = None
+        elif self.hash_misses:
+            home = self._home(body, self.index.anchor(keys), candidates)
+            if self._within_bound(home, candidates):
+                choice = home
         if choice is None:
             choice = least_loaded(candidates)
         self.index.record(keys, choice.epoch, exclude)
         return take(route, choice, panic)
+
+    def _home(self, body: bytes, anchor: int, candidates: list[Replica]) -> Replica:
+        """The candidate that ranks first for the prompt's first `anchor` blocks, the same in
+        every process: keyed BLAKE2 of bytes and URLs (Python's own hash is seeded per
+        process). Rendezvous hashing: a replica leaving moves only its own conversations."""
+        start = prompt_start(body)
+        seed = hashlib.blake2b(
+            memoryview(body)[start : start + span(anchor, self.block_bytes)], digest_size=16
+        ).digest()
+        best = candidates[0]
+        best_score = b""
+        for replica in candidates:
+            score = hashlib.blake2b(replica.backend.url.encode(), key=seed, digest_size=8).digest()
+            if score > best_score:
+                best, best_score = replica, score
+        return best
 
     def _enough(self, depth: int, blocks: int) -> bool:
         return span(depth, self.block_bytes) >= MIN_MATCH * span(blocks, self.block_bytes)
@@ -241,17 +281,28 @@ class PrefixAffinity(Policy):
     def __repr__(self) -> str:
         index = self.index
         return (
-            f"<PrefixAffinity [c {self.load_factor:g}, blocks of {self.block_bytes} B"
+            f"<PrefixAffinity [c {self.load_factor:g}, blocks of {self.block_bytes} B,"
+            f" misses {'hashed' if self.hash_misses else 'least loaded'}"
             f" | index {len(index)} of {index.capacity} entries, {self.hits} hits of"
             f" {self.lookups} lookups | {self.spills} spills]>"
         )
 
 
-def make_policy(name: str, *, index_entries: int, load_factor: float, block_bytes: int) -> Policy:
-    """The policy GATEWAY_ROUTING names (settings has checked the name)."""
+def make_policy(
+    name: str,
+    *,
+    index_entries: int,
+    load_factor: float,
+    block_bytes: int,
+    miss: str = "least_loaded",
+) -> Policy:
+    """The policy GATEWAY_ROUTING names (settings has checked the names)."""
     if name == "prefix":
         return PrefixAffinity(
-            capacity=index_entries, load_factor=load_factor, block_bytes=block_bytes
+            capacity=index_entries,
+            load_factor=load_factor,
+            block_bytes=block_bytes,
+            hash_misses=miss == "hash",
         )
     if name == "least_loaded":
         return LeastLoaded()

@@ -98,6 +98,7 @@ async def running(
             index_entries=settings.prefix_index_entries,
             load_factor=settings.prefix_load_factor,
             block_bytes=settings.prefix_block_bytes,
+            miss=settings.prefix_miss,
         ),
     )
     metrics = Metrics(routes=ROUTES, known_model=registry.knows, multiprocess_dir=metrics_dir)

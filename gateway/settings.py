@@ -17,7 +17,7 @@ from typing import Any
 
 from gateway.backends import Backend, BackendError, parse_backend_list, parse_model_routes
 from gateway.prefix_index import ENTRY_BYTES
-from gateway.routing import ROUTING_POLICIES
+from gateway.routing import MISS_POLICIES, ROUTING_POLICIES
 
 PREFIX = "GATEWAY_"
 MIB = 1024 * 1024
@@ -177,6 +177,15 @@ VARIABLES: tuple[Variable, ...] = (
         "as long as the 16 before; 64 to 65536.",
     ),
     Variable(
+        "GATEWAY_PREFIX_MISS",
+        "least_loaded",
+        "With GATEWAY_ROUTING=prefix: where a prompt goes whose prefix tells no replica apart "
+        "(a new conversation): least_loaded (the most even balance, for one gateway process) "
+        "or hash (rendezvous hashing on the prompt up to where it stops being shared, so "
+        "every gateway process sends a conversation to the same replica: set it with "
+        "GATEWAY_WORKERS above 1 or several gateway pods). Within the load bound either way.",
+    ),
+    Variable(
         "GATEWAY_MAX_CONCURRENCY",
         "0",
         "Requests forwarded at once by this gateway; past it, 429 at once. 0: no cap.",
@@ -264,6 +273,7 @@ class Settings:
     prefix_index_entries: int = 160000
     prefix_load_factor: float = 1.5
     prefix_block_bytes: int = 256
+    prefix_miss: str = "least_loaded"
     max_concurrency: int = 0
     drain_timeout_s: float = 30.0
     api_keys: frozenset[str] = frozenset()
@@ -333,6 +343,7 @@ class Settings:
             "prefix_index_entries": cast("GATEWAY_PREFIX_INDEX_ENTRIES", _positive_int),
             "prefix_load_factor": cast("GATEWAY_PREFIX_LOAD_FACTOR", _load_factor),
             "prefix_block_bytes": cast("GATEWAY_PREFIX_BLOCK_BYTES", _block_bytes),
+            "prefix_miss": cast("GATEWAY_PREFIX_MISS", _prefix_miss),
             "max_concurrency": cast("GATEWAY_MAX_CONCURRENCY", _whole),
             "drain_timeout_s": cast("GATEWAY_DRAIN_TIMEOUT_S", _positive_seconds),
             "api_keys": cast("GATEWAY_API_KEYS", _api_keys),
@@ -448,6 +459,13 @@ def _routing(raw: str) -> str:
     name = raw.lower()
     if name not in ROUTING_POLICIES:
         raise ValueError("must be one of " + ", ".join(ROUTING_POLICIES))
+    return name
+
+
+def _prefix_miss(raw: str) -> str:
+    name = raw.lower()
+    if name not in MISS_POLICIES:
+        raise ValueError("must be one of " + ", ".join(MISS_POLICIES))
     return name
 
 

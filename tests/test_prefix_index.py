@@ -116,6 +116,22 @@ def test_a_retry_takes_over_what_the_failed_replica_held_and_shared_blocks_stay_
     assert index.deepest(system[:-1]) == (len(system) - 1, None)
 
 
+def test_the_anchor_is_the_shared_prefix_and_one_block_of_the_conversations_own() -> None:
+    one, two = replica("http://a:1"), replica("http://b:2")
+    index = PrefixIndex(1000)
+    keys = block_keys(body(turns(2), model="m"), "m", BLOCK)
+    system = block_keys(body(turns(1)[:1], model="m"), "m", BLOCK)[:-1]
+    # Nothing known: the first block names the conversation.
+    assert index.anchor(keys) == 1
+    # Its system prompt seen on one replica only: the whole prompt, so that new conversations
+    # after it spread (and the prompt comes to be known as shared) instead of following it.
+    index.record(system, one.epoch)
+    assert index.anchor(keys) == len(keys)
+    # Seen on two: the shared blocks and the first one past them.
+    index.record(system, two.epoch)
+    assert index.anchor(keys) == len(system) + 1
+
+
 def test_entries_never_pass_the_capacity_and_the_oldest_conversation_goes_first() -> None:
     owner = replica()
     index = PrefixIndex(64)

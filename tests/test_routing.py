@@ -115,6 +115,53 @@ async def test_a_prefix_every_replica_holds_does_not_pin_new_conversations(
     assert seconds == firsts
 
 
+def knows_the_shared_prompt(gateway: RunningGateway) -> bool:
+    """Whether the gateway's index has seen the system prompt on two replicas: a new
+    conversation is then named by the shared blocks and one of its own."""
+    keys = block_keys(conversation(999, 1), "shared", 256)
+    anchor: int = gateway.parts.registry.policy.index.anchor(keys)  # type: ignore[attr-defined]
+    return 1 < anchor < len(keys)
+
+
+async def test_hashed_misses_keep_a_conversation_on_one_replica_across_gateway_processes(
+    start_fake: StartFake, start_gateway: StartGateway, client: aiohttp.ClientSession
+) -> None:
+    fakes = [await start_fake(name, models=SHARED) for name in ("a", "b", "c", "d")]
+    # Two gateways, each with its own index, as two workers or two pods are.
+    env = {"GATEWAY_ROUTING": "prefix", "GATEWAY_PREFIX_MISS": "hash"}
+    gateways = [await start_gateway(*fakes, **env) for _ in range(2)]
+    for gateway in gateways:
+        # New conversations spread (by their whole prompt) until the system prompt has been
+        # served by two replicas: from then on it names nobody.
+        for user in range(100, 140):
+            if knows_the_shared_prompt(gateway):
+                break
+            await post(client, gateway, conversation(user, 1))
+        assert knows_the_shared_prompt(gateway)
+    # Each process has seen other traffic too (its own turn-taking is its own).
+    await post(client, gateways[0], conversation(200, 1))
+    homes: dict[int, set[str]] = {user: set() for user in range(8)}
+    for turn in range(1, 5):
+        for user in homes:
+            # Every turn reaches the other gateway than the turn before.
+            gateway = gateways[(user + turn) % 2]
+            homes[user].add(await post(client, gateway, conversation(user, turn)))
+    assert all(len(served) == 1 for served in homes.values()), homes
+    assert len(set.union(*homes.values())) > 1
+
+
+async def test_hashed_misses_spread_new_conversations_after_a_prompt_seen_once(
+    start_fake: StartFake, start_gateway: StartGateway, client: aiohttp.ClientSession
+) -> None:
+    fakes = [await start_fake(name, models=SHARED) for name in ("a", "b", "c")]
+    gateway = await start_gateway(*fakes, GATEWAY_ROUTING="prefix", GATEWAY_PREFIX_MISS="hash")
+    # One after another, nothing in flight, so the load bound never steps in: hashing on
+    # the system prompt alone would send every one of them where the first went.
+    firsts = [await post(client, gateway, conversation(user, 1)) for user in range(12)]
+    assert len(set(firsts)) > 1
+    assert knows_the_shared_prompt(gateway)
+
+
 @pytest.mark.parametrize("factor", ["1.25", "100"])
 async def test_a_burst_of_one_prefix_stays_within_the_load_bound(
     start_fake: StartFake,
@@ -417,7 +464,7 @@ async def test_routing_state_shows_the_policy_its_index_and_each_replicas_load(
     assert state.index_entries == len(block_keys(conversation(1, 3, stream=True), "shared", 256))
     assert (state.index_lookups, state.index_hits, state.index_hit_ratio) == (1, 0, 0.0)
     text = repr(registry.policy)
-    assert text.startswith("<PrefixAffinity [c 1.5, blocks of 256 B | index ")
+    assert text.startswith("<PrefixAffinity [c 1.5, blocks of 256 B, misses least loaded | index ")
     assert "0 hits of 1 lookups" in text
     assert "Routing: prefix" in repr(registry)
     gate.set()

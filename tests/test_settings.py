@@ -184,11 +184,13 @@ def test_routing_defaults_to_round_robin_and_takes_the_prefix_knobs() -> None:
             "GATEWAY_PREFIX_INDEX_ENTRIES": "1000",
             "GATEWAY_PREFIX_LOAD_FACTOR": "1.25",
             "GATEWAY_PREFIX_BLOCK_BYTES": "512",
+            "GATEWAY_PREFIX_MISS": "Hash",
         }
     )
     assert settings.routing == "prefix"
     assert (settings.prefix_index_entries, settings.prefix_load_factor) == (1000, 1.25)
-    assert settings.prefix_block_bytes == 512
+    assert (settings.prefix_block_bytes, settings.prefix_miss) == (512, "hash")
+    assert Settings.from_environ(ONE).prefix_miss == "least_loaded"
 
 
 def test_bad_routing_settings_are_named() -> None:
@@ -199,6 +201,7 @@ def test_bad_routing_settings_are_named() -> None:
             "GATEWAY_PREFIX_INDEX_ENTRIES": "0",
             "GATEWAY_PREFIX_LOAD_FACTOR": "0.9",
             "GATEWAY_PREFIX_BLOCK_BYTES": "16",
+            "GATEWAY_PREFIX_MISS": "random",
         }
     )
     assert [problem.split("=")[0] for problem in found] == [
@@ -206,5 +209,7 @@ def test_bad_routing_settings_are_named() -> None:
         "GATEWAY_PREFIX_INDEX_ENTRIES",
         "GATEWAY_PREFIX_LOAD_FACTOR",
         "GATEWAY_PREFIX_BLOCK_BYTES",
+        "GATEWAY_PREFIX_MISS",
     ]
+    assert "least_loaded, hash" in found[-1]
     assert "round_robin, least_loaded, prefix" in found[0]

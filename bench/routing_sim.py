@@ -2,6 +2,7 @@
 
     python bench/routing_sim.py                      # the sweep and the no-reuse run
     python bench/routing_sim.py --loads 40,70 --replicas 16 --users 512
+    python bench/routing_sim.py --workers 2 --policies round_robin,prefix,prefix+hash
 
 Every replica is the fake vLLM with its cache model (``cache_model.py``: a Llama-3.1-8B on
 an H100, the sources of each constant are there), all in one process pinned to core 1 with
@@ -19,6 +20,10 @@ peak over the gateway's picks of the chosen replica's requests in flight / (the 
 both counting the request being placed, which GATEWAY_PREFIX_LOAD_FACTOR (1.5) bounds for
 `prefix`. Then the no-reuse workload (fresh random prompts) at the highest load, round_robin
 against prefix in alternating pairs. Written to bench/results/routing_sim.{md,json,png}.
+
+`prefix+hash` is prefix with GATEWAY_PREFIX_MISS=hash. With `--workers N` the gateway is the
+plain `vllm-gateway` with GATEWAY_WORKERS=N (each worker with its own index; no load-bound
+check, which serve_checked.py does for one process only).
 """
 
 from __future__ import annotations
@@ -70,16 +75,34 @@ async def start_fakes(count: int, core: int | None) -> tuple[asyncio.subprocess.
     return proc, urls
 
 
+def gateway_for(policy: str, workers: int) -> rb.RoutedGateway:
+    """`prefix+hash` is prefix with GATEWAY_PREFIX_MISS=hash. One worker: the checked gateway,
+    which reports its load bound; several: the plain `vllm-gateway` with GATEWAY_WORKERS,
+    each worker routing with its own index (the load bound is then each worker's own)."""
+    name, _, miss = policy.partition("+")
+    env = {"GATEWAY_PREFIX_MISS": miss} if miss else {}
+    if workers > 1:
+        return rb.RoutedGateway(name, GATEWAY_WORKERS=str(workers), **env)
+    return rb.CheckedGateway(name, **env)
+
+
 async def one_run(
-    policy: str, spec: ChatSpec, replicas: list[str], *, workdir: Path, core: int | None
+    policy: str,
+    spec: ChatSpec,
+    replicas: list[str],
+    *,
+    workdir: Path,
+    core: int | None,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    contender = rb.CheckedGateway(policy)
+    contender = gateway_for(policy, workers)
     async with rb.in_front(contender, replicas, MODEL, workdir=workdir, core=core) as url:
         await rb.reset_caches(replicas)
         summary = await run_chat(replace(spec, url=url, metrics=tuple(replicas)))
         stats = await rb.fake_stats(replicas[0])
-    summary.update(rb.checked_report(workdir, contender))
-    summary["policy"] = policy
+    if isinstance(contender, rb.CheckedGateway):
+        summary.update(rb.checked_report(workdir, contender))
+    summary["policy"] = policy if workers == 1 else f"{policy} x{workers} workers"
     # The same ratio as the fakes saw the requests land (their view lags the gateway's).
     summary["landed_peak"] = round(stats.get("cluster_peak_ratio", 0.0), 3)
     return summary
@@ -98,7 +121,7 @@ def row(run: dict[str, Any]) -> list[object]:
         run["errors"],
         f"{run['hit_rate']:.3f}",
         f"{run['max_share']:.1%}",
-        f"{run['load_bound_peak']:.2f}",
+        f"{run['load_bound_peak']:.2f}" if "load_bound_peak" in run else "-",
     ]
 
 
@@ -124,7 +147,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for policy in rb.POLICIES:
+    for policy in dict.fromkeys(r["policy"] for r in runs):
         mine = sorted((r for r in runs if r["policy"] == policy), key=lambda r: r["offered_qps"])
         if not mine:
             continue
@@ -170,7 +193,14 @@ async def main_async(args: argparse.Namespace) -> int:
                 order = policies if number % 2 == 0 else policies[::-1]
                 for policy in order:
                     spec = replace(base, qps=qps)
-                    run = await one_run(policy, spec, replicas, workdir=workdir, core=gateway_core)
+                    run = await one_run(
+                        policy,
+                        spec,
+                        replicas,
+                        workdir=workdir,
+                        core=gateway_core,
+                        workers=args.workers,
+                    )
                     runs.append(run)
                     print(" | ".join(str(c) for c in row(run)), file=sys.stderr, flush=True)
             no_reuse: list[dict[str, Any]] = []
@@ -181,7 +211,12 @@ async def main_async(args: argparse.Namespace) -> int:
                     for policy in pair if number % 2 == 0 else pair[::-1]:
                         spec = replace(base, qps=qps, no_reuse=True, seed=number + 1)
                         run = await one_run(
-                            policy, spec, replicas, workdir=workdir, core=gateway_core
+                            policy,
+                            spec,
+                            replicas,
+                            workdir=workdir,
+                            core=gateway_core,
+                            workers=args.workers,
                         )
                         no_reuse.append(run)
                         print("no-reuse " + " | ".join(str(c) for c in row(run)), file=sys.stderr)
@@ -211,8 +246,8 @@ def render(
         f"`{' '.join(sys.argv)}`: {args.replicas} fake replicas with the cache model "
         f"(bench/cache_model.py), {args.users} user sessions of {args.rounds} rounds for "
         f"{args.duration:g} s, system prompt {args.system_words} words, own context "
-        f"{args.context_words} words, answers {args.answer_tokens} tokens. Load average at "
-        f"start: {load[0]:.2f}.",
+        f"{args.context_words} words, answers {args.answer_tokens} tokens, gateway workers "
+        f"{args.workers}. Load average at start: {load[0]:.2f}.",
         "",
         rb.markdown_table(HEADERS, [row(run) for run in runs]),
     ]
@@ -237,7 +272,12 @@ def main() -> int:
     add("--answer-tokens", type=int, default=100)
     add("--duration", type=float, default=20.0, help="seconds of offered load per run")
     add("--loads", default="20,40,60,70", help="offered requests/s, comma-separated")
-    add("--policies", default=",".join(rb.POLICIES))
+    add(
+        "--policies",
+        default=",".join(rb.POLICIES),
+        help="GATEWAY_ROUTING values; prefix+hash is prefix with GATEWAY_PREFIX_MISS=hash",
+    )
+    add("--workers", type=int, default=1, help="GATEWAY_WORKERS of the gateway")
     add("--no-reuse-rounds", type=int, default=2, help="alternating pairs; 0 skips it")
     add("--no-reuse-qps", type=float, default=0.0, help="default: the highest load")
     add("--out-dir", default=str(RESULTS))

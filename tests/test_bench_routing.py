@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from bench import fake_vllm
+from bench import fake_vllm, routing_affinity
 from bench.cache_model import CacheModel, CacheSpec, Cluster, prompt_text
 from bench.chat_workload import ChatSpec, cache_figures, parse_metrics, run_chat
 
@@ -143,3 +143,12 @@ async def test_with_a_duration_finished_users_are_replaced_by_new_ones() -> None
         summary = await run_chat(spec)
         assert summary["errors"] == 0, summary["first_error"]
         assert summary["users"] > 2 and summary["requests_ok"] >= 3
+
+
+def test_affinity_bench_keeps_every_turn_home_with_one_process_and_reports_shares() -> None:
+    spec = ChatSpec(url="", model="m", users=6, rounds=3, system_words=60, context_words=120)
+    stays, busiest = routing_affinity.run(
+        processes=1, replicas=2, miss="least_loaded", spec=spec, seed=1
+    )
+    assert stays == 1.0
+    assert 0.5 <= busiest < 1.0

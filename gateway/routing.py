@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from gateway.replicas import ModelRoute, Replica
 
 ROUTING_POLICIES: Final = ("round_robin", "least_loaded", "prefix")
-# Where `prefix` sends a prompt its index cannot route (GATEWAY_PREFIX_MISS).
-MISS_POLICIES: Final = ("least_loaded", "hash")
+# Where `prefix` sends a prompt its index cannot route (GATEWAY_PREFIX_MISS); auto: hash
+# when the gateway runs several workers, else least_loaded.
+MISS_POLICIES: Final = ("auto", "least_loaded", "hash")
 
 # A known prefix routes the request only when it covers at least this share of the bytes
 # its whole blocks cover.
@@ -294,7 +295,8 @@ def make_policy(
     index_entries: int,
     load_factor: float,
     block_bytes: int,
-    miss: str = "least_loaded",
+    miss: str = "auto",
+    workers: int = 1,
 ) -> Policy:
     """The policy GATEWAY_ROUTING names (settings has checked the names)."""
     if name == "prefix":
@@ -302,7 +304,7 @@ def make_policy(
             capacity=index_entries,
             load_factor=load_factor,
             block_bytes=block_bytes,
-            hash_misses=miss == "hash",
+            hash_misses=miss == "hash" or (miss == "auto" and workers > 1),
         )
     if name == "least_loaded":
         return LeastLoaded()

@@ -99,6 +99,7 @@ async def running(
             load_factor=settings.prefix_load_factor,
             block_bytes=settings.prefix_block_bytes,
             miss=settings.prefix_miss,
+            workers=settings.workers,
         ),
     )
     metrics = Metrics(routes=ROUTES, known_model=registry.knows, multiprocess_dir=metrics_dir)

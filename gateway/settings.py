@@ -178,12 +178,13 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "GATEWAY_PREFIX_MISS",
-        "least_loaded",
+        "auto",
         "With GATEWAY_ROUTING=prefix: where a prompt goes whose prefix tells no replica apart "
-        "(a new conversation): least_loaded (the most even balance, for one gateway process) "
-        "or hash (rendezvous hashing on the prompt up to where it stops being shared, so "
-        "every gateway process sends a conversation to the same replica: set it with "
-        "GATEWAY_WORKERS above 1 or several gateway pods). Within the load bound either way.",
+        "(a new conversation): least_loaded (the most even balance, right for one gateway "
+        "process) or hash (rendezvous hashing on the prompt up to where it stops being "
+        "shared, so every gateway process sends a conversation to the same replica). auto: "
+        "hash with GATEWAY_WORKERS above 1, else least_loaded; set hash when several gateway "
+        "pods route the same replicas. Within the load bound either way.",
     ),
     Variable(
         "GATEWAY_MAX_CONCURRENCY",
@@ -273,7 +274,7 @@ class Settings:
     prefix_index_entries: int = 160000
     prefix_load_factor: float = 1.5
     prefix_block_bytes: int = 256
-    prefix_miss: str = "least_loaded"
+    prefix_miss: str = "auto"
     max_concurrency: int = 0
     drain_timeout_s: float = 30.0
     api_keys: frozenset[str] = frozenset()

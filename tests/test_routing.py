@@ -13,7 +13,7 @@ import pytest
 from gateway.backends import Backend
 from gateway.prefix_index import block_keys
 from gateway.replicas import Registry
-from gateway.routing import LeastLoaded, PrefixAffinity, RoundRobin, RoutingState
+from gateway.routing import LeastLoaded, PrefixAffinity, RoundRobin, RoutingState, make_policy
 from tests.conftest import RunningGateway, StartFake, StartGateway
 from tests.fakes import FakeVllm, model_card
 from tests.test_exchange import closed_port, pin_up
@@ -482,3 +482,15 @@ def test_policies_without_an_index_report_their_name_and_loads() -> None:
     assert [(load.url, load.inflight) for load in state.inflight] == [("http://10.0.0.1:1", 2)]
     registry.replicas[0].inflight = 0
     assert repr(RoundRobin()) == "<RoundRobin>"
+
+
+def test_misses_are_hashed_by_default_only_when_the_gateway_runs_several_workers() -> None:
+    def hashed(miss: str, workers: int) -> bool:
+        policy = make_policy(
+            "prefix", index_entries=10, load_factor=1.5, block_bytes=256, miss=miss, workers=workers
+        )
+        assert isinstance(policy, PrefixAffinity)
+        return policy.hash_misses
+
+    assert (hashed("auto", 1), hashed("auto", 2)) == (False, True)
+    assert (hashed("hash", 1), hashed("least_loaded", 4)) == (True, False)

@@ -190,7 +190,7 @@ def test_routing_defaults_to_round_robin_and_takes_the_prefix_knobs() -> None:
     assert settings.routing == "prefix"
     assert (settings.prefix_index_entries, settings.prefix_load_factor) == (1000, 1.25)
     assert (settings.prefix_block_bytes, settings.prefix_miss) == (512, "hash")
-    assert Settings.from_environ(ONE).prefix_miss == "least_loaded"
+    assert Settings.from_environ(ONE).prefix_miss == "auto"
 
 
 def test_bad_routing_settings_are_named() -> None:
@@ -211,5 +211,5 @@ def test_bad_routing_settings_are_named() -> None:
         "GATEWAY_PREFIX_BLOCK_BYTES",
         "GATEWAY_PREFIX_MISS",
     ]
-    assert "least_loaded, hash" in found[-1]
+    assert "auto, least_loaded, hash" in found[-1]
     assert "round_robin, least_loaded, prefix" in found[0]

@@ -49,6 +49,25 @@ class CheckedGateway(RoutedGateway):
         return [sys.executable, str(cs.BENCH / "serve_checked.py")]
 
 
+def gateway_contender(spec: str, workers: int = 1) -> RoutedGateway:
+    """The gateway a spec names: `POLICY[+MISS][@FACTOR][/WORKERS]`, e.g. `prefix+hash@1.25/2`
+    is GATEWAY_ROUTING=prefix with GATEWAY_PREFIX_MISS=hash, GATEWAY_PREFIX_LOAD_FACTOR=1.25 and
+    GATEWAY_WORKERS=2. One worker: the checked gateway, which reports its load bound; several:
+    the plain `vllm-gateway`, each worker with its own index (serve_checked.py runs one)."""
+    rest, _, count = spec.partition("/")
+    rest, _, factor = rest.partition("@")
+    policy, _, miss = rest.partition("+")
+    workers = int(count) if count else workers
+    env = {}
+    if miss:
+        env["GATEWAY_PREFIX_MISS"] = miss
+    if factor:
+        env["GATEWAY_PREFIX_LOAD_FACTOR"] = factor
+    if workers > 1:
+        return RoutedGateway(policy, GATEWAY_WORKERS=str(workers), **env)
+    return CheckedGateway(policy, **env)
+
+
 def checked_report(workdir: Path, contender: CheckedGateway) -> dict[str, Any]:
     """What a stopped CheckedGateway printed: the peak of its picks' in-flight count over
     (the average + 1), the picks, and its routing state."""

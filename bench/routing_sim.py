@@ -21,9 +21,10 @@ both counting the request being placed, which GATEWAY_PREFIX_LOAD_FACTOR (1.5) b
 `prefix`. Then the no-reuse workload (fresh random prompts) at the highest load, round_robin
 against prefix in alternating pairs. Written to bench/results/routing_sim.{md,json,png}.
 
-`prefix+hash` is prefix with GATEWAY_PREFIX_MISS=hash. With `--workers N` the gateway is the
-plain `vllm-gateway` with GATEWAY_WORKERS=N (each worker with its own index; no load-bound
-check, which serve_checked.py does for one process only).
+A policy may carry the options of routing_bench.gateway_contender: `prefix+hash` is prefix with
+GATEWAY_PREFIX_MISS=hash. With `--workers N` the gateway is the plain `vllm-gateway` with
+GATEWAY_WORKERS=N (each worker with its own index; no load-bound check, which
+serve_checked.py does for one process only).
 """
 
 from __future__ import annotations
@@ -75,17 +76,6 @@ async def start_fakes(count: int, core: int | None) -> tuple[asyncio.subprocess.
     return proc, urls
 
 
-def gateway_for(policy: str, workers: int) -> rb.RoutedGateway:
-    """`prefix+hash` is prefix with GATEWAY_PREFIX_MISS=hash. One worker: the checked gateway,
-    which reports its load bound; several: the plain `vllm-gateway` with GATEWAY_WORKERS,
-    each worker routing with its own index (the load bound is then each worker's own)."""
-    name, _, miss = policy.partition("+")
-    env = {"GATEWAY_PREFIX_MISS": miss} if miss else {}
-    if workers > 1:
-        return rb.RoutedGateway(name, GATEWAY_WORKERS=str(workers), **env)
-    return rb.CheckedGateway(name, **env)
-
-
 async def one_run(
     policy: str,
     spec: ChatSpec,
@@ -95,7 +85,7 @@ async def one_run(
     core: int | None,
     workers: int = 1,
 ) -> dict[str, Any]:
-    contender = gateway_for(policy, workers)
+    contender = rb.gateway_contender(policy, workers)
     async with rb.in_front(contender, replicas, MODEL, workdir=workdir, core=core) as url:
         await rb.reset_caches(replicas)
         summary = await run_chat(replace(spec, url=url, metrics=tuple(replicas)))

@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import datetime
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -56,15 +57,15 @@ ALL = (
 def contender_for(name: str) -> tuple[cs.Contender | None, str]:
     """The contender to start (None: straight to the single server), and the user header.
 
-    `gateway:prefix@1.5` is the prefix policy with GATEWAY_PREFIX_LOAD_FACTOR=1.5.
+    `gateway:prefix@1.5` is the prefix policy with GATEWAY_PREFIX_LOAD_FACTOR=1.5; the whole
+    syntax is routing_bench.gateway_contender's (`gateway:prefix+hash/2`: hashed misses, two
+    workers).
     """
     kind, _, policy = name.partition(":")
     if kind == "single":
         return None, ""
     if kind == "gateway":
-        policy, _, factor = policy.partition("@")
-        env = {"GATEWAY_PREFIX_LOAD_FACTOR": factor} if factor else {}
-        return rb.CheckedGateway(policy, **env), ""
+        return rb.gateway_contender(policy), ""
     return rb.RoutedVllmRouter(policy), "X-User-ID" if policy == "consistent_hash" else ""
 
 
@@ -154,7 +155,7 @@ async def main_async(args: argparse.Namespace) -> int:
     venv = Path(os.environ.get("VLLM_VENV") or DEFAULT_VENV)
     model = make_model(venv)
     names = [n for n in args.contenders.split(",") if n]
-    unknown = [n for n in names if n.partition("@")[0] not in ALL]
+    unknown = [n for n in names if re.split("[+@/]", n)[0] not in ALL]
     if unknown:
         raise SystemExit(f"unknown contenders {unknown}; known: {', '.join(ALL)}")
     spec = ChatSpec(

@@ -232,29 +232,29 @@ class PrefixAffinity(Policy):
                 self.spills += 1
                 choice = None
         elif self.hash_misses:
-            home = self._home(body, self.index.anchor(keys), candidates)
-            if self._within_bound(home, candidates):
-                choice = home
+            choice = self._home(body, self.index.anchor(keys), candidates)
         if choice is None:
             choice = least_loaded(candidates)
         self.index.record(keys, choice.epoch, exclude)
         return take(route, choice, panic)
 
     def _home(self, body: bytes, anchor: int, candidates: list[Replica]) -> Replica:
-        """The candidate that ranks first for the prompt's first `anchor` blocks, the same in
-        every process: keyed BLAKE2 of bytes and URLs (Python's own hash is seeded per
-        process). Rendezvous hashing: a replica leaving moves only its own conversations."""
+        """The first candidate within the bound in the rendezvous order of the prompt's first
+        `anchor` blocks, the same order in every process: keyed BLAKE2 of bytes and URLs
+        (Python's own hash is seeded per process). A replica leaving moves only its own
+        conversations. The least-loaded candidate is always within the bound (c >= 1)."""
         start = prompt_start(body)
         seed = hashlib.blake2b(
             memoryview(body)[start : start + span(anchor, self.block_bytes)], digest_size=16
         ).digest()
-        best = candidates[0]
-        best_score = b""
-        for replica in candidates:
-            score = hashlib.blake2b(replica.backend.url.encode(), key=seed, digest_size=8).digest()
-            if score > best_score:
-                best, best_score = replica, score
-        return best
+        ranked = sorted(
+            candidates,
+            key=lambda replica: hashlib.blake2b(
+                replica.backend.url.encode(), key=seed, digest_size=8
+            ).digest(),
+            reverse=True,
+        )
+        return next(r for r in ranked if self._within_bound(r, candidates))
 
     def _enough(self, depth: int, blocks: int) -> bool:
         return span(depth, self.block_bytes) >= MIN_MATCH * span(blocks, self.block_bytes)

@@ -194,6 +194,9 @@ def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
     config.backlog = LISTEN_BACKLOG
     # Streams have had their drain (see `serve_gateway`) before hypercorn's grace begins.
     config.graceful_timeout = 1.0
+    # Hypercorn's one idle timer runs from a connection's last answer (or its opening) until
+    # a whole request head is in: the keep-alive and the slow-head limit at once.
+    config.keep_alive_timeout = settings.keepalive_s
     return config
 
 
@@ -231,6 +234,7 @@ async def serve_gateway(
             sock=sock or listening_socket(settings.host, settings.port),
             backlog=LISTEN_BACKLOG,
             log_level=settings.log_level,
+            keepalive_s=settings.keepalive_s,
             drain=drain_then_stop,
         )
         return

@@ -210,6 +210,16 @@ VARIABLES: tuple[Variable, ...] = (
         "Authorization header is never forwarded.",
     ),
     Variable(
+        "GATEWAY_KEEPALIVE_S",
+        "5",
+        "Seconds an idle client connection is kept open for its next request. Whatever pools "
+        "connections to the gateway (a load balancer, an ingress, a client library) must "
+        "drop them sooner, or a request sent as the gateway closes one fails: raise this "
+        "above their idle timeout (AWS ALB and ingress-nginx keep 60 s). Under hypercorn the "
+        "same timer bounds the time a request's headers may take to arrive (slowloris); "
+        "under uvicorn that stays 5 s.",
+    ),
+    Variable(
         "GATEWAY_UPSTREAM_KEEPALIVE_S",
         "4",
         "Seconds an idle pooled connection to a backend is kept. Keep it below the backend's own "
@@ -279,6 +289,7 @@ class Settings:
     drain_timeout_s: float = 30.0
     api_keys: frozenset[str] = frozenset()
     backend_api_key: str = ""
+    keepalive_s: float = 5.0
     upstream_keepalive_s: float = 4.0
     startup_window_s: float = 1200.0
     log_level: str = "info"
@@ -349,6 +360,7 @@ class Settings:
             "drain_timeout_s": cast("GATEWAY_DRAIN_TIMEOUT_S", _positive_seconds),
             "api_keys": cast("GATEWAY_API_KEYS", _api_keys),
             "backend_api_key": cast("GATEWAY_BACKEND_API_KEY", _header_value),
+            "keepalive_s": cast("GATEWAY_KEEPALIVE_S", _positive_seconds),
             "upstream_keepalive_s": cast("GATEWAY_UPSTREAM_KEEPALIVE_S", _positive_seconds),
             "startup_window_s": cast("GATEWAY_STARTUP_WINDOW_S", _positive_seconds),
             "log_level": cast("GATEWAY_LOG_LEVEL", _log_level),

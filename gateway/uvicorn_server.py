@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -27,7 +28,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.types import ASGIApp
 
-# As hypercorn's keep-alive timeout, which is what closes a slow head there.
+# As hypercorn's default keep-alive timeout, which is what closes a slow head there.
 HEAD_TIMEOUT_S = 5.0
 # As hypercorn's h11_max_incomplete_size.
 MAX_HEAD_BYTES = 16 * 1024
@@ -124,6 +125,7 @@ async def serve_uvicorn(
     sock: socket.socket,
     backlog: int,
     log_level: str,
+    keepalive_s: float = HEAD_TIMEOUT_S,
     drain: Callable[[], Awaitable[object]],
 ) -> None:
     """Serve `app` on the listening `sock` (closed when done) until `drain` returns."""
@@ -143,7 +145,8 @@ async def serve_uvicorn(
         # X-Forwarded-For and -Proto are the client's to write: trusting them is a choice for
         # the deployment behind a known proxy, not a default (hypercorn makes none either).
         proxy_headers=False,
-        timeout_keep_alive=int(HEAD_TIMEOUT_S),
+        # Whole seconds in uvicorn's signature; its timer takes any number.
+        timeout_keep_alive=math.ceil(keepalive_s),
         timeout_graceful_shutdown=GRACE_S,
     )
     logging.getLogger("uvicorn.error").setLevel(max(logging.WARNING, _level(log_level)))

@@ -188,3 +188,40 @@ async def test_an_http2_stream_reset_by_its_client_closes_the_upstream_request(
     await asyncio.wait_for(alpha.aborted.wait(), 5)
     assert not gate.is_set()
     writer.close()
+
+
+async def health_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    writer.write(b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return head + await reader.readexactly(length)
+
+
+async def test_an_idle_connection_closes_after_the_keepalive_setting(
+    start_fake: StartFake, start_gateway: StartGateway
+) -> None:
+    gateway = await start_gateway(await start_fake("alpha"), GATEWAY_KEEPALIVE_S="1")
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    assert (await health_over(reader, writer)).startswith(b"HTTP/1.1 200")
+    # The default (5 s) would outlast this wait.
+    assert await asyncio.wait_for(reader.read(), 4) == b""
+    writer.close()
+
+
+async def test_a_longer_keepalive_serves_a_connection_idle_past_the_default(
+    start_fake: StartFake, start_gateway: StartGateway
+) -> None:
+    gateway = await start_gateway(await start_fake("alpha"), GATEWAY_KEEPALIVE_S="30")
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    assert (await health_over(reader, writer)).startswith(b"HTTP/1.1 200")
+    # A pooled connection left idle longer than the default 5 s, as a balancer's would be.
+    await asyncio.sleep(6)  # the client's idle time, part of the scenario
+    assert (await health_over(reader, writer)).startswith(b"HTTP/1.1 200")
+    writer.close()

@@ -127,23 +127,36 @@ class HealthChecker:
                 )
 
     async def _check(self, replica: Replica) -> None:
+        answered, replica.answered = replica.answered, False
         try:
             async with asyncio.timeout(self._timeout_s):
                 cards = await self._probe(replica)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            if replica.healthy or not replica.ever_up:
-                log.debug("health check of %s failed: %r", replica.backend.url, exc)
-            self._metrics.health_check(False)
-            was_up = replica.healthy
-            self._registry.record_fail(replica)
-            if was_up and not replica.healthy:
-                log.warning("backend %s is down: %r", replica.backend.url, exc)
+        except TimeoutError as exc:
+            if answered and replica.healthy:
+                # Too slow to answer a check, yet it answered a request since the last one:
+                # busy, not down. Taking it out would turn its load into errors elsewhere.
+                log.debug("health check of %s timed out while it serves", replica.backend.url)
+                self._metrics.health_check(None)
+                return
+            self._failed(replica, exc)
+            return
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            self._failed(replica, exc)
             return
         self._metrics.health_check(True)
         was_up = replica.healthy
         self._registry.record_pass(replica, cards)
         if replica.healthy and not was_up:
             log.info("backend %s is up, serving %s", replica.backend.url, sorted(replica.cards))
+
+    def _failed(self, replica: Replica, exc: BaseException) -> None:
+        if replica.healthy or not replica.ever_up:
+            log.debug("health check of %s failed: %r", replica.backend.url, exc)
+        self._metrics.health_check(False)
+        was_up = replica.healthy
+        self._registry.record_fail(replica)
+        if was_up and not replica.healthy:
+            log.warning("backend %s is down: %r", replica.backend.url, exc)
 
     async def _probe(self, replica: Replica) -> list[ModelCard]:
         async with self._session.get(replica.url("/health")) as response:

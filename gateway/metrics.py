@@ -146,7 +146,8 @@ class Metrics:
         )
         self._health_checks = Counter(
             f"{p}_health_checks",
-            "Active health checks by result (pass, fail).",
+            "Active health checks by result: pass, fail, busy (timed out on a replica that "
+            "answered requests since its last check, which keeps it in rotation).",
             ["result"],
             registry=registry,
         )
@@ -283,8 +284,10 @@ class Metrics:
     def upstream_error(self, kind: str) -> None:
         self._upstream_errors.labels(kind).inc()
 
-    def health_check(self, passed: bool) -> None:
-        self._health_checks.labels("pass" if passed else "fail").inc()
+    def health_check(self, passed: bool | None) -> None:
+        """None: timed out on a replica that answered requests since its last check (busy)."""
+        result = "busy" if passed is None else "pass" if passed else "fail"
+        self._health_checks.labels(result).inc()
 
     def log_lines_dropped(self, count: int) -> None:
         self._log_dropped.inc(count)

@@ -56,6 +56,7 @@ class Replica:
         "cards",
         "pinned",
         "inflight",
+        "answered",
         "epoch",
         "_urls",
     )
@@ -79,6 +80,10 @@ class Replica:
         # Requests of this gateway on this replica now: from the upstream request being sent
         # until its response is released (exchange.py keeps it; routing policies read it).
         self.inflight = 0
+        # Whether a request got its answer from it since its last health check: a check
+        # that times out then means busy (vLLM's API server slow to answer /health under
+        # load), not down.
+        self.answered = False
         self.epoch = Epoch(self, 1)
         self._urls: dict[str, URL] = {}
 
@@ -284,6 +289,7 @@ class Registry:
     def record_success(self, replica: Replica) -> None:
         """A request got an answer that was not a 5xx: the replica works."""
         replica.strikes = 0
+        replica.answered = True
         if replica.probing or replica.ejected_until:
             replica.probing = False
             replica.ejected_until = 0.0

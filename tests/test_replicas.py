@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections import Counter
 
@@ -219,3 +220,31 @@ async def test_backend_hanging_on_health_is_down_after_the_timeout_and_others_ar
     release.set()
     await gateway.wait_rounds(2)
     assert await served_by(client, gateway.url, "hung", 1) == ["hung"]
+
+
+async def test_a_replica_too_busy_to_answer_checks_stays_while_it_answers_requests(
+    start_fake: StartFake, start_gateway: StartGateway, client: aiohttp.ClientSession
+) -> None:
+    busy = await start_fake("busy")
+    gateway = await start_gateway(busy, GATEWAY_HEALTH_TIMEOUT_S="0.2")
+    replica = gateway.parts.registry.replicas[0]
+    # vLLM's API server, starved by its own engine, stops answering /health in time...
+    busy.health_gate = asyncio.Event()
+
+    async def keep_asking() -> None:
+        while True:
+            await served_by(client, gateway.url, "busy", 1)
+
+    asker = asyncio.create_task(keep_asking())
+    # ...yet it answers every request: each timed-out check counts as busy, not failed.
+    await gateway.wait_rounds(3)
+    assert replica.healthy and not asker.done()
+    asker.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asker
+    # Answering nothing any more, a check that times out is a failure again.
+    await gateway.wait_rounds(2)
+    assert not replica.healthy
+    async with client.post(gateway.url + CHAT, data=chat("busy")) as response:
+        assert response.status == 503
+    busy.health_gate.set()

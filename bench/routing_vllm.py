@@ -29,6 +29,7 @@ import asyncio
 import datetime
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,7 +79,9 @@ def make_model(venv: Path) -> Path:
     return path
 
 
-async def one_run(name: str, spec: ChatSpec, replicas: list[str], single: str) -> dict[str, Any]:
+async def one_run(
+    name: str, spec: ChatSpec, replicas: list[str], single: str, log_dir: Path
+) -> dict[str, Any]:
     contender, header = contender_for(name)
     urls = [single] if contender is None else replicas
     with tempfile.TemporaryDirectory(prefix="routing-vllm-") as tmp:
@@ -89,6 +92,11 @@ async def one_run(name: str, spec: ChatSpec, replicas: list[str], single: str) -
             )
         if isinstance(contender, rb.CheckedGateway):
             summary.update(rb.checked_report(Path(tmp), contender))
+        if contender is not None:
+            # The router's own log, kept beside the servers' for a look at any error.
+            log = Path(tmp) / f"{contender.name}.log"
+            if log.exists():
+                shutil.copyfile(log, log_dir / f"{name.replace('/', '_')}.log")
     summary["contender"] = name
     return summary
 
@@ -184,7 +192,7 @@ async def main_async(args: argparse.Namespace) -> int:
         replicas = [servers[0].base_url, servers[1].base_url]
         single = servers[2].base_url
         for name in names:
-            run = await one_run(name, spec, replicas, single)
+            run = await one_run(name, spec, replicas, single, Path(args.log_dir))
             runs.append(run)
             print(
                 f"{name}: hit rate {run['hit_rate']:.3f}, shares {rb.shares(run)}, "

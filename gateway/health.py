@@ -104,6 +104,11 @@ class HealthChecker:
             target = self._rounds + count
             await self._round_done.wait_for(lambda: self._rounds >= target)
 
+    async def first_round(self) -> None:
+        """Return once one round of checks has completed (at once if one has)."""
+        async with self._round_done:
+            await self._round_done.wait_for(lambda: self._rounds >= 1)
+
     async def _discover(self, source: Backend) -> None:
         host = source.base.raw_host or ""
         try:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import signal
@@ -275,4 +276,11 @@ async def serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with running(settings, writer=writer, metrics_dir=metrics_dir) as gateway:
+        # Serve once every backend has been checked once: a round ends within the health
+        # timeout whether the backends answer or not. A worker started (or restarted) beside
+        # others would otherwise answer "no healthy replica" for a pinned model meanwhile;
+        # this way connections wait in its socket's queue (a single process listens after).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2 * settings.health_timeout_s + 1):
+                await gateway.health.first_round()
         await serve_gateway(gateway, settings, shutdown_trigger=stop.wait, sock=sock)

@@ -116,8 +116,11 @@ async def exited(pid: int) -> None:
 
 
 @asynccontextmanager
-async def gateway_command(backend: FakeVllm, server: str, **env: str) -> AsyncIterator[Command]:
-    """`vllm-gateway` with two workers under `server` in front of `backend`, on a free port."""
+async def gateway_command(
+    backend: FakeVllm, server: str, *, wait_up: bool = True, **env: str
+) -> AsyncIterator[Command]:
+    """`vllm-gateway` with two workers under `server` in front of `backend`, on a free port;
+    yielded once both have seen the backend up (`wait_up`), else at once."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -139,7 +142,8 @@ async def gateway_command(backend: FakeVllm, server: str, **env: str) -> AsyncIt
     command = Command(process, f"http://127.0.0.1:{port}", logs)
     workers: set[int] = set()
     try:
-        await logs.wait_until_up(2)
+        if wait_up:
+            await logs.wait_until_up(2)
         workers = command.workers()
         yield command
     finally:
@@ -288,3 +292,42 @@ async def test_any_worker_scrapes_the_sum_of_all_and_a_killed_one_keeps_its_coun
         await gateway.logs.wait_for(lambda lines: any(" restarted: pid " in line for line in lines))
         # The dead worker's requests stay counted: no scrape sees the counter go backwards.
         assert [await served() for _ in range(16)] == [32.0] * 16
+
+
+async def test_workers_serve_only_once_they_have_checked_the_backends(
+    start_fake: StartFake, server: str
+) -> None:
+    # A pinned model has its route before any check; a worker serving before its first
+    # round would answer it "no healthy replica".
+    checks = asyncio.Event()
+    alpha = await start_fake("alpha", health_gate=checks)
+    async with gateway_command(
+        alpha,
+        server,
+        wait_up=False,
+        GATEWAY_MODELS=f"alpha={alpha.url}",
+        GATEWAY_HEALTH_TIMEOUT_S="10",
+    ) as gateway:
+        # Each worker's first check has reached the backend (so the supervisor's sockets
+        # listen), and hangs there.
+        while alpha.health_checks < 2:
+            await asyncio.sleep(0.01)
+        host, port = gateway.url.removeprefix("http://").split(":")
+        body = chat("alpha")
+        request = (
+            f"POST {CHAT} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode() + body
+        # Requests sent while the first checks hang wait in the sockets' queues...
+        streams = []
+        for _ in range(8):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(request)
+            await writer.drain()
+            streams.append((reader, writer))
+        checks.set()
+        # ...and are served once the checks are in.
+        for reader, writer in streams:
+            answer = await asyncio.wait_for(reader.read(), DEADLINE_S)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]

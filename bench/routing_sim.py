@@ -179,18 +179,21 @@ async def main_async(args: argparse.Namespace) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="routing-sim-") as tmp:
             workdir = Path(tmp)
+
+            async def run_one(policy: str, spec: ChatSpec) -> dict[str, Any]:
+                return await one_run(
+                    policy,
+                    spec,
+                    replicas,
+                    workdir=workdir,
+                    core=gateway_core,
+                    workers=args.workers,
+                )
+
             for number, qps in enumerate(loads):
                 order = policies if number % 2 == 0 else policies[::-1]
                 for policy in order:
-                    spec = replace(base, qps=qps)
-                    run = await one_run(
-                        policy,
-                        spec,
-                        replicas,
-                        workdir=workdir,
-                        core=gateway_core,
-                        workers=args.workers,
-                    )
+                    run = await run_one(policy, replace(base, qps=qps))
                     runs.append(run)
                     print(" | ".join(str(c) for c in row(run)), file=sys.stderr, flush=True)
             no_reuse: list[dict[str, Any]] = []
@@ -200,14 +203,7 @@ async def main_async(args: argparse.Namespace) -> int:
                     pair = ["round_robin", "prefix"]
                     for policy in pair if number % 2 == 0 else pair[::-1]:
                         spec = replace(base, qps=qps, no_reuse=True, seed=number + 1)
-                        run = await one_run(
-                            policy,
-                            spec,
-                            replicas,
-                            workdir=workdir,
-                            core=gateway_core,
-                            workers=args.workers,
-                        )
+                        run = await run_one(policy, spec)
                         no_reuse.append(run)
                         print("no-reuse " + " | ".join(str(c) for c in row(run)), file=sys.stderr)
     finally:

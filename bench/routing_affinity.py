@@ -60,15 +60,15 @@ def run(
     while active:
         user = rng.choice(active)
         route, policy = rng.choice(routers)
-        replica = policy.pick(route, orjson.dumps(user.request()))
-        assert replica is not None
-        served[replica] += 1
+        chosen = policy.pick(route, orjson.dumps(user.request()))
+        assert chosen is not None
+        served[chosen] += 1
         if user.number in last:
-            if last[user.number] is replica:
+            if last[user.number] is chosen:
                 stayed += 1
             else:
                 moved += 1
-        last[user.number] = replica
+        last[user.number] = chosen
         user.answered(words(user.rng, spec.answer_tokens))
         turns_left[user.number] -= 1
         if not turns_left[user.number]:

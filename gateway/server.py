@@ -248,12 +248,15 @@ async def serve_gateway(
     )
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A socket listening on host:port, as hypercorn opens its own."""
+def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A socket listening on host:port, as hypercorn opens its own; with `reuse_port`, one of
+    several on the same port (workers.py), the kernel choosing one for each connection."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         sock.listen(LISTEN_BACKLOG)

@@ -351,11 +351,11 @@ class Settings:
             "eject_failures": cast("GATEWAY_EJECT_FAILURES", _positive_int),
             "eject_base_s": cast("GATEWAY_EJECT_BASE_S", _positive_seconds),
             "eject_max_s": cast("GATEWAY_EJECT_MAX_S", _positive_seconds),
-            "routing": cast("GATEWAY_ROUTING", _routing),
+            "routing": cast("GATEWAY_ROUTING", _one_of(ROUTING_POLICIES)),
             "prefix_index_entries": cast("GATEWAY_PREFIX_INDEX_ENTRIES", _positive_int),
             "prefix_load_factor": cast("GATEWAY_PREFIX_LOAD_FACTOR", _load_factor),
             "prefix_block_bytes": cast("GATEWAY_PREFIX_BLOCK_BYTES", _block_bytes),
-            "prefix_miss": cast("GATEWAY_PREFIX_MISS", _prefix_miss),
+            "prefix_miss": cast("GATEWAY_PREFIX_MISS", _one_of(MISS_POLICIES)),
             "max_concurrency": cast("GATEWAY_MAX_CONCURRENCY", _whole),
             "drain_timeout_s": cast("GATEWAY_DRAIN_TIMEOUT_S", _positive_seconds),
             "api_keys": cast("GATEWAY_API_KEYS", _api_keys),
@@ -363,8 +363,8 @@ class Settings:
             "keepalive_s": cast("GATEWAY_KEEPALIVE_S", _positive_seconds),
             "upstream_keepalive_s": cast("GATEWAY_UPSTREAM_KEEPALIVE_S", _positive_seconds),
             "startup_window_s": cast("GATEWAY_STARTUP_WINDOW_S", _positive_seconds),
-            "log_level": cast("GATEWAY_LOG_LEVEL", _log_level),
-            "log_format": cast("GATEWAY_LOG_FORMAT", _log_format),
+            "log_level": cast("GATEWAY_LOG_LEVEL", _one_of(LOG_LEVELS)),
+            "log_format": cast("GATEWAY_LOG_FORMAT", _one_of(LOG_FORMATS)),
             "access_log": cast("GATEWAY_ACCESS_LOG", _on_off),
             "metrics_dir": values["GATEWAY_METRICS_DIR"].strip(),
         }
@@ -459,27 +459,23 @@ def _positive_seconds(raw: str) -> float:
     return value
 
 
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    """A parser of one of `choices`, in any case."""
+
+    def parse(raw: str) -> str:
+        name = raw.lower()
+        if name not in choices:
+            raise ValueError("must be one of " + ", ".join(choices))
+        return name
+
+    return parse
+
+
 def _server(raw: str) -> str:
-    server = raw.lower()
-    if server not in SERVERS:
-        raise ValueError("must be one of " + ", ".join(SERVERS))
+    server = _one_of(SERVERS)(raw)
     if any(find_spec(module) is None for module in _SERVER_MODULES[server]):
         raise ValueError(f"{server} is not installed: pip install 'vllm-gateway[{server}]'")
     return server
-
-
-def _routing(raw: str) -> str:
-    name = raw.lower()
-    if name not in ROUTING_POLICIES:
-        raise ValueError("must be one of " + ", ".join(ROUTING_POLICIES))
-    return name
-
-
-def _prefix_miss(raw: str) -> str:
-    name = raw.lower()
-    if name not in MISS_POLICIES:
-        raise ValueError("must be one of " + ", ".join(MISS_POLICIES))
-    return name
 
 
 def _load_factor(raw: str) -> float:
@@ -497,20 +493,6 @@ def _block_bytes(raw: str) -> int:
     if not 64 <= value <= 65536:
         raise ValueError("must be 64 to 65536")
     return value
-
-
-def _log_level(raw: str) -> str:
-    level = raw.lower()
-    if level not in LOG_LEVELS:
-        raise ValueError("must be one of " + ", ".join(LOG_LEVELS))
-    return level
-
-
-def _log_format(raw: str) -> str:
-    form = raw.lower()
-    if form not in LOG_FORMATS:
-        raise ValueError("must be one of " + ", ".join(LOG_FORMATS))
-    return form
 
 
 def _on_off(raw: str) -> bool:

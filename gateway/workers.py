@@ -33,7 +33,7 @@ import uvloop
 from prometheus_client.multiprocess import mark_process_dead
 
 from gateway.logs import LineWriter, configure_logging
-from gateway.server import LISTEN_BACKLOG, serve
+from gateway.server import listening_socket, serve
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.workers")
@@ -96,15 +96,9 @@ def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.bind((host, port))
             # Listening from now on: connections queue before the worker is up, and while
             # a dead worker's replacement starts.
-            sock.listen(LISTEN_BACKLOG)
+            sockets.append(listening_socket(host, port, reuse_port=True))
     except OSError:
         for sock in sockets:
             sock.close()

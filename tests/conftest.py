@@ -54,6 +54,12 @@ class RunningGateway:
         await self.parts.health.wait_rounds(count)
 
 
+async def open_raw(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain TCP connection to `http://host:port`, for bytes no client library would send."""
+    host, port = url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
 @asynccontextmanager
 async def gateway_on_free_port(
     settings: Settings, *, resolve: Resolver = resolve_host

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from gateway.exchange import complete_events
-from tests.conftest import StartFake, StartGateway
+from tests.conftest import StartFake, StartGateway, open_raw
 from tests.fakes import model_card, sse_events
 from tests.test_proxy import CHAT, assert_openai_error, chat
 
@@ -252,8 +252,7 @@ async def test_idle_timeout_event_is_what_the_client_reads(
 ) -> None:
     slow = await start_fake("slow", first_delay_s=3)
     gateway = await start_gateway(slow, GATEWAY_IDLE_TIMEOUT_S="0.3")
-    host, port = gateway.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await open_raw(gateway.url)
     body = chat("slow", stream=True)
     writer.write(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import StartFake, StartGateway
+from tests.conftest import StartFake, StartGateway, open_raw
 from tests.test_proxy import CHAT, chat
 
 
@@ -21,8 +21,7 @@ async def test_content_length_with_transfer_encoding_is_400_and_the_connection_c
 ) -> None:
     alpha = await start_fake("alpha")
     gateway = await start_gateway(alpha)
-    host, port = gateway.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await open_raw(gateway.url)
     body = chat("alpha")
     # A front proxy going by Content-Length would take what follows the first 4 bytes of
     # the body for a request of its own: here, a second POST smuggled in behind it.

@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.conftest import StartFake, StartGateway
+from tests.conftest import StartFake, StartGateway, open_raw
 from tests.fakes import sse_events
 
 CHAT = "/v1/chat/completions"
@@ -244,8 +244,7 @@ async def test_a_refused_body_still_arriving_is_answered_at_once_and_the_connect
 ) -> None:
     alpha = await start_fake("alpha")
     gateway = await start_gateway(alpha, GATEWAY_MAX_BODY_BYTES="1000")
-    host, port = gateway.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await open_raw(gateway.url)
     size = 64 * 1024 * 1024
     writer.write(
         b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: gw\r\nContent-Length: "
@@ -343,8 +342,7 @@ async def test_backend_dying_mid_stream_ends_the_client_stream_abnormally(
 
 async def _client_leaves(gateway_url: str, body: bytes, *, after_first_chunk: bool) -> None:
     """Send a request over a raw socket and close it, as a client that gives up would."""
-    host, port = gateway_url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await open_raw(gateway_url)
     writer.write(
         b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
@@ -454,8 +452,7 @@ async def test_body_trickling_in_past_the_body_timeout_is_408_and_reaches_no_bac
 ) -> None:
     alpha = await start_fake("alpha")
     gateway = await start_gateway(alpha, GATEWAY_BODY_TIMEOUT_S="0.3")
-    host, port = gateway.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await open_raw(gateway.url)
     body = chat("alpha")
     writer.write(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: "
@@ -506,8 +503,7 @@ async def test_content_length_with_transfer_encoding_is_400_and_the_connection_c
 ) -> None:
     alpha = await start_fake("alpha")
     gateway = await start_gateway(alpha)
-    host, port = gateway.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await open_raw(gateway.url)
     body = chat("alpha")
     chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
     # A smuggler's second request rides behind the first on the same connection.

@@ -10,7 +10,7 @@ import h2.connection
 import h2.events
 import pytest
 
-from tests.conftest import StartFake, StartGateway
+from tests.conftest import StartFake, StartGateway, open_raw
 from tests.fakes import sse_events
 from tests.test_framing import read_until_closed
 from tests.test_proxy import CHAT, assert_openai_error, chat
@@ -83,8 +83,7 @@ async def test_a_head_sent_a_byte_at_a_time_is_cut_off(
 ) -> None:
     alpha = await start_fake("alpha")
     gateway = await start_gateway(alpha)
-    host, port = gateway.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await open_raw(gateway.url)
     writer.write(b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: gw\r\n")
 
     async def trickle() -> None:
@@ -111,8 +110,7 @@ async def test_a_head_past_16_kib_is_refused_and_the_connection_closes(
 ) -> None:
     alpha = await start_fake("alpha")
     gateway = await start_gateway(alpha)
-    host, port = gateway.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await open_raw(gateway.url)
     writer.write(b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: gw\r\n")
     writer.write(b"X-Big: " + b"x" * 20_000 + b"\r\n")
     await writer.drain()
@@ -140,8 +138,7 @@ async def test_http2_with_prior_knowledge_streams_under_hypercorn_and_is_refused
 ) -> None:
     alpha = await start_fake("alpha")
     gateway = await start_gateway(alpha)
-    host, port = gateway.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await open_raw(gateway.url)
     connection, preface = _h2_request(CHAT, chat("alpha", stream=True))
     writer.write(preface)
     if server == "uvicorn":
@@ -174,8 +171,7 @@ async def test_an_http2_stream_reset_by_its_client_closes_the_upstream_request(
     gate = asyncio.Event()
     alpha = await start_fake("alpha", gate=gate)
     gateway = await start_gateway(alpha)
-    host, port = gateway.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await open_raw(gateway.url)
     connection, preface = _h2_request(CHAT, chat("alpha", stream=True))
     writer.write(preface)
     first = False
@@ -206,8 +202,7 @@ async def test_an_idle_connection_closes_after_the_keepalive_setting(
     start_fake: StartFake, start_gateway: StartGateway
 ) -> None:
     gateway = await start_gateway(await start_fake("alpha"), GATEWAY_KEEPALIVE_S="1")
-    host, port = gateway.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await open_raw(gateway.url)
     assert (await health_over(reader, writer)).startswith(b"HTTP/1.1 200")
     # The default (5 s) would outlast this wait.
     assert await asyncio.wait_for(reader.read(), 4) == b""
@@ -218,8 +213,7 @@ async def test_a_longer_keepalive_serves_a_connection_idle_past_the_default(
     start_fake: StartFake, start_gateway: StartGateway
 ) -> None:
     gateway = await start_gateway(await start_fake("alpha"), GATEWAY_KEEPALIVE_S="30")
-    host, port = gateway.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await open_raw(gateway.url)
     assert (await health_over(reader, writer)).startswith(b"HTTP/1.1 200")
     # A pooled connection left idle longer than the default 5 s, as a balancer's would be.
     await asyncio.sleep(6)  # the client's idle time, part of the scenario

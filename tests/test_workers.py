@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import TEST_ENV, StartFake
+from tests.conftest import TEST_ENV, StartFake, open_raw
 from tests.fakes import FakeVllm
 from tests.test_metrics import requests
 from tests.test_proxy import CHAT, chat
@@ -312,7 +312,6 @@ async def test_workers_serve_only_once_they_have_checked_the_backends(
         # listen), and hangs there.
         while alpha.health_checks < 2:
             await asyncio.sleep(0.01)
-        host, port = gateway.url.removeprefix("http://").split(":")
         body = chat("alpha")
         request = (
             f"POST {CHAT} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
@@ -321,7 +320,7 @@ async def test_workers_serve_only_once_they_have_checked_the_backends(
         # Requests sent while the first checks hang wait in the sockets' queues...
         streams = []
         for _ in range(8):
-            reader, writer = await asyncio.open_connection(host, int(port))
+            reader, writer = await open_raw(gateway.url)
             writer.write(request)
             await writer.drain()
             streams.append((reader, writer))
